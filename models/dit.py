@@ -175,8 +175,9 @@ class DiT(nn.Module):
         """(B, D): the adaLN input. t in [0, 1] (1 = pure noise), scaled to the DiT's 0..1000."""
         pooled = (cond.pooled - self.pooled_mean) / self.pooled_std
         return (
-            self.t_embed(timestep_embedding(t * 1000, 256))
-            + self.fps_embed(timestep_embedding(torch.log2(cond.fps) * 100, 256))
+            self.t_embed(timestep_embedding(t * 1000, 256).to(pooled.dtype))
+            + self.fps_embed(timestep_embedding(torch.log2(cond.fps.float()) * 100, 256)
+                             .to(pooled.dtype))
             + self.pooled_embed(pooled)
             + self.camera_embed(cond.camera)
             + self.lens_embed(cond.camera_params)
@@ -192,17 +193,21 @@ class DiT(nn.Module):
         """x: (B, C, T, H, W) noisy latents, t: (B,) in [0, 1] -> prediction (B, C, T, H, W)."""
         pt, ph, pw = self.cfg.patch
         _, _, T, H, W = x.shape
+        dtype = self.patch_in.weight.dtype  # bf16 under mixed-precision engines
+        x, t = x.to(dtype), t.to(dtype)
+        cond = Conditioning(**{k: v.to(dtype) if v.is_floating_point() else v
+                               for k, v in vars(cond).items()})
         if T % pt or H % ph or W % pw:
             raise ValueError(f"latent grid {T}x{H}x{W} is not divisible by patch {self.cfg.patch}")
         gt, gh, gw = T // pt, H // ph, W // pw
         # 1. patchify latents + conditioning frames: (B, C', T, H, W) -> (B, L, D)
-        h = torch.cat([x, cond.frames.to(x.dtype)], dim=1)
+        h = torch.cat([x, cond.frames], dim=1)
         h = rearrange(h, "b c (t pt) (h ph) (w pw) -> b (t h w) (c pt ph pw)", pt=pt, ph=ph, pw=pw)
         h = self.patch_in(h)
         # 2. conditioning
         c = self.condition_vector(t, cond)
         text = self.text_proj((cond.text - self.text_mean) / self.text_std)
-        rope = self.rope(self.token_coords(gt, gh, gw, x.device))
+        rope = tuple(r.to(dtype) for r in self.rope(self.token_coords(gt, gh, gw, x.device)))
         # 3. transformer
         for block in self.blocks:
             h = block(h, c, text, cond.text_mask, rope)

@@ -1,0 +1,109 @@
+"""Training task of the denoiser: rectified flow on frozen-VAE latents of world clips.
+
+Besides plain text-to-video, each batch mixes in the conditioning the generation pipeline uses:
+the first latent frame given (image-to-video), a prefix of latent frames given (the previous
+window's overlap), and keyframe images guiding later groups (the long-clip keyframe pass).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cineray.models.dit import DiT
+from cineray.models.text_encoder import TextEncoder
+from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, build_conditioning
+from cineray.pipelines.flow import RectifiedFlow
+from cineray.pipelines.training import DataSpec, ModelsConfig, TaskConfig, to_video
+from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component
+from cineray.world import WorldConfig, captions, sample_scene
+
+
+def world_caption_sample(n: int, seed: int = 0) -> list[str]:
+    """n training-vocabulary captions of random world scenes (deterministic)."""
+    cfg = WorldConfig()
+    out = []
+    for i in range(n):
+        phrasings = captions(sample_scene(cfg, seed + i), seed + i, style="train")
+        out.append(phrasings[i % len(phrasings)])
+    return out
+
+
+def keyframe_latents(vae, x: torch.Tensor) -> torch.Tensor:
+    """Each latent group's last pixel frame encoded alone as an image: (B, C, T', h, w).
+    Group j >= 1 covers pixel frames 4j-3..4j; group 0 is frame 0."""
+    b, _, t = x.shape[:3]
+    idx = list(range(0, t, vae.temporal_factor))
+    frames = x[:, :, idx].transpose(1, 2).flatten(0, 1)[:, :, None]  # (B*T', 3, 1, H, W)
+    z = vae.encode(frames)  # (B*T', C, 1, h, w)
+    return z[:, :, 0].unflatten(0, (b, len(idx))).transpose(1, 2)
+
+
+def training_frames(z: torch.Tensor, vae, x: torch.Tensor, task: TaskConfig,
+                    gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random conditioning per clip -> frames (B, C + 2, T', h, w), exact mask (B, 1, T', 1, 1)."""
+    b, c, t = z.shape[:3]
+    exact = torch.zeros(b, 1, t, 1, 1)
+    key = torch.zeros(b, 1, t, 1, 1)
+    u = torch.rand(b, generator=gen)
+    p1, p2, p3 = task.p_first_frame, task.p_prefix, task.p_keyframes
+    for i in range(b):
+        if u[i] < p1:
+            exact[i, :, 0] = 1
+        elif u[i] < p1 + p2:
+            k = int(torch.randint(1, min(3, t), (1,), generator=gen))
+            exact[i, :, :k] = 1
+        elif u[i] < p1 + p2 + p3 and t > 1:
+            exact[i, :, 0] = 1
+            key[i, 0, 1:, 0, 0] = (torch.rand(t - 1, generator=gen) < 0.5).float()
+    known = z * exact
+    if key.any():
+        known = known + keyframe_latents(vae, x) * key
+    ones = torch.ones_like(z[:, :1])
+    return torch.cat([known, exact * ones, key * ones], dim=1), exact
+
+
+class DenoiserTask:
+    name = "denoiser"
+
+    def __init__(self, models: ModelsConfig, task: TaskConfig, spec: DataSpec):
+        self.models, self.task, self.spec = models, task, spec
+        self.flow = RectifiedFlow(models.flow, models.denoiser.prediction)
+        self.gen = torch.Generator().manual_seed(task.seed)
+        folder = Path(task.vae_weights) if task.vae_weights else DEFAULT_CHECKPOINT / "vae"
+        self.vae = load_component(folder).requires_grad_(False)
+        if self.vae.cfg.latent_channels != models.denoiser.latent_channels:
+            raise ValueError(f"denoiser.latent_channels={models.denoiser.latent_channels} but the "
+                             f"VAE at {folder} has {self.vae.cfg.latent_channels}")
+        self.text = CachedTextEncoder(TextEncoder(models.text))
+
+    def build_model(self) -> DiT:
+        model = DiT(self.models.denoiser)
+        emb = self.text.encoder(world_caption_sample(self.task.text_stats_captions))
+        model.set_text_stats(emb.tokens, emb.mask, emb.pooled)
+        return model
+
+    def data_spec(self) -> DataSpec:
+        return self.spec
+
+    def conditioning(self, batch: dict, frames: torch.Tensor):
+        b = frames.shape[0]
+        drop_text = torch.rand(b, generator=self.gen) < self.task.caption_dropout
+        drop_cam = torch.rand(b, generator=self.gen) < self.task.camera_dropout
+        prompts = ["" if d else c for c, d in zip(batch["caption"], drop_text, strict=True)]
+        cams = [UNSPECIFIED if d else c for c, d in zip(batch["camera"], drop_cam, strict=True)]
+        speeds = [0.0 if d else float(s) for s, d in zip(batch["camera_speed"], drop_cam,
+                                                          strict=True)]
+        return build_conditioning(self.text(prompts), cams, speeds,
+                                  [float(f) for f in batch["focal_length_mm"]],
+                                  [float(f) for f in batch["fps"]], frames)
+
+    def loss(self, model, batch: dict, step: int):
+        x = to_video(batch["video"])
+        with torch.no_grad():
+            z = self.vae.encode(x)
+            frames, exact = training_frames(z, self.vae, x, self.task, self.gen)
+        cond = self.conditioning(batch, frames)
+        loss = self.flow.loss(model, z, cond, weight=1 - exact, generator=self.gen)
+        return loss, {}
