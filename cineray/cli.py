@@ -78,7 +78,9 @@ ConfigOption = Annotated[
 SetOption = Annotated[
     list[str] | None,
     typer.Option(
-        "--set", help="Override one key, e.g. --set world.frames=9 (repeatable).", metavar="KEY=VALUE"
+        "--set",
+        help="Override one key, e.g. --set world.frames=9 (repeatable).",
+        metavar="KEY=VALUE",
     ),
 ]
 

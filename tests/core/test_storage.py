@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -153,3 +155,28 @@ def test_ray_workers_reach_s3(ray_cluster, s3_storage):
     endpoint = ray_cluster.get(roundtrip.remote(s3_storage))
     assert endpoint == os.environ["AWS_ENDPOINT_URL"]
     assert s3_storage.read_bytes("from-worker.txt") == b"driver+worker"
+
+
+_KILLED_WRITER = """
+import sys, time
+from cineray.storage import Storage, StorageConfig
+storage = Storage(StorageConfig(root=sys.argv[1]))
+with storage.open("killed/clip.mp4", "wb") as f:
+    f.write(b"x" * 100_000)
+    f.flush()
+    print("writing", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_killed_writer_process_leaves_nothing(storage):
+    """A writer process killed (SIGKILL) mid-write leaves no file under the final name."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_WRITER, storage.root], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not storage.exists("killed/clip.mp4")
