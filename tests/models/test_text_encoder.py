@@ -1,0 +1,34 @@
+import pytest
+import torch
+
+from cineray.models.text_encoder import TextEncoder, TextEncoderConfig
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return TextEncoder(TextEncoderConfig(max_length=16))
+
+
+def test_tokens_mask_and_pooled(encoder):
+    out = encoder(["a red ball falling and bouncing", ""])
+    assert out.tokens.shape == (2, 16, 384) and out.tokens.dtype == torch.float32
+    assert out.mask.dtype == torch.bool and out.mask[0].sum() > out.mask[1].sum()
+    torch.testing.assert_close(out.pooled.norm(dim=-1), torch.ones(2))
+
+
+def test_pretrained_weights_know_synonyms(encoder):
+    """The shipped MiniLM is really pretrained: paraphrases are closer than unrelated text."""
+    a, b, c = encoder(["a red ball falling", "a crimson sphere dropping",
+                       "the stock market closed higher"]).pooled
+    assert (a @ b) > (a @ c) + 0.2
+
+
+def test_frozen(encoder):
+    assert not any(p.requires_grad for p in encoder.parameters())
+    encoder.train()
+    assert not encoder.model.training
+
+
+def test_single_string_is_rejected(encoder):
+    with pytest.raises(TypeError):
+        encoder("a red ball")
