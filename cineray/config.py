@@ -26,6 +26,8 @@ from cineray.models.dit import DiTConfig
 from cineray.models.text_encoder import TextEncoderConfig
 from cineray.models.upscaler import UpscalerConfig
 from cineray.models.video_vae import VAEConfig
+from cineray.pipelines.flow import FlowConfig, SamplerConfig
+from cineray.pipelines.training import TaskConfig
 from cineray.storage import StorageConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -44,6 +46,9 @@ class CinerayConfig:
     # Section names match the trainable components (vae, denoiser, upscaler_spatial, ...).
     upscaler_spatial: UpscalerConfig = field(default_factory=lambda: UpscalerConfig("spatial"))
     upscaler_temporal: UpscalerConfig = field(default_factory=lambda: UpscalerConfig("temporal"))
+    flow: FlowConfig = field(default_factory=FlowConfig)  # training noise process
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # generation defaults
+    task: TaskConfig = field(default_factory=TaskConfig)  # training losses and augmentation
 
 
 def preset_names() -> list[str]:

@@ -15,7 +15,7 @@ from cineray.models.dit import DiT
 from cineray.models.text_encoder import TextEncoder
 from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, build_conditioning
 from cineray.pipelines.flow import RectifiedFlow
-from cineray.pipelines.training import DataSpec, ModelsConfig, TaskConfig, to_video
+from cineray.pipelines.training import DataSpec, TaskConfig, to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component
 from cineray.world import WorldConfig, captions, sample_scene
 
@@ -67,19 +67,24 @@ def training_frames(z: torch.Tensor, vae, x: torch.Tensor, task: TaskConfig,
 class DenoiserTask:
     name = "denoiser"
 
-    def __init__(self, models: ModelsConfig, task: TaskConfig, spec: DataSpec):
-        self.models, self.task, self.spec = models, task, spec
-        self.flow = RectifiedFlow(models.flow, models.denoiser.prediction)
-        self.gen = torch.Generator().manual_seed(task.seed)
+    def __init__(self, cfg, spec: DataSpec):
+        self.cfg, self.task, self.spec = cfg, cfg.task, spec
+        self.flow = RectifiedFlow(cfg.flow, cfg.denoiser.prediction)
+        self.gen = torch.Generator().manual_seed(cfg.task.seed)
+        task = cfg.task
         folder = Path(task.vae_weights) if task.vae_weights else DEFAULT_CHECKPOINT / "vae"
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"denoiser training needs a trained VAE: none at {folder}; train and export one "
+                f"(train.component=vae) and set task.vae_weights=<its export folder>")
         self.vae = load_component(folder).requires_grad_(False)
-        if self.vae.cfg.latent_channels != models.denoiser.latent_channels:
-            raise ValueError(f"denoiser.latent_channels={models.denoiser.latent_channels} but the "
+        if self.vae.cfg.latent_channels != cfg.denoiser.latent_channels:
+            raise ValueError(f"denoiser.latent_channels={cfg.denoiser.latent_channels} but the "
                              f"VAE at {folder} has {self.vae.cfg.latent_channels}")
-        self.text = CachedTextEncoder(TextEncoder(models.text))
+        self.text = CachedTextEncoder(TextEncoder(cfg.text))
 
     def build_model(self) -> DiT:
-        model = DiT(self.models.denoiser)
+        model = DiT(self.cfg.denoiser)
         emb = self.text.encoder(world_caption_sample(self.task.text_stats_captions))
         model.set_text_stats(emb.tokens, emb.mask, emb.pooled)
         return model

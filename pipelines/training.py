@@ -11,16 +11,13 @@ list[str]; "camera" list[str]; "camera_speed", "focal_length_mm", "fps" float te
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from cineray.models.dit import DiTConfig
-from cineray.models.text_encoder import TextEncoderConfig
-from cineray.models.upscaler import Upscaler, UpscalerConfig
-from cineray.models.video_vae import VAEConfig, VideoVAE
-from cineray.pipelines.flow import FlowConfig
+from cineray.models.upscaler import Upscaler
+from cineray.models.video_vae import VideoVAE
 
 
 @dataclass
@@ -47,23 +44,11 @@ class DataSpec:
     width: int
     height: int
     frames: int
-    fps: float
+    fps: float | None  # None: any frame rate
     hr_width: int | None = None
     hr_height: int | None = None
     hr_frames: int | None = None
     hr_fps: float | None = None
-
-
-@dataclass
-class ModelsConfig:
-    """The components' configs, as the config schema holds them."""
-
-    vae: VAEConfig = field(default_factory=VAEConfig)
-    denoiser: DiTConfig = field(default_factory=DiTConfig)
-    text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
-    flow: FlowConfig = field(default_factory=FlowConfig)
-    upscaler_spatial: UpscalerConfig = field(default_factory=lambda: UpscalerConfig("spatial"))
-    upscaler_temporal: UpscalerConfig = field(default_factory=lambda: UpscalerConfig("temporal"))
 
 
 def to_video(x: torch.Tensor) -> torch.Tensor:
@@ -90,11 +75,11 @@ def weighted_l1_l2(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
 class VAETask:
     name = "vae"
 
-    def __init__(self, models: ModelsConfig, task: TaskConfig, spec: DataSpec):
-        self.models, self.task, self.spec = models, task, spec
+    def __init__(self, cfg, spec: DataSpec):
+        self.cfg, self.task, self.spec = cfg, cfg.task, spec
 
     def build_model(self) -> VideoVAE:
-        return VideoVAE(self.models.vae)
+        return VideoVAE(self.cfg.vae)
 
     def data_spec(self) -> DataSpec:
         return self.spec
@@ -109,10 +94,10 @@ class VAETask:
 
 
 class UpscalerTask:
-    def __init__(self, name: str, models: ModelsConfig, task: TaskConfig, spec: DataSpec):
-        self.name, self.models, self.task, self.spec = name, models, task, spec
-        self.cfg = models.upscaler_spatial if name == "upscaler_spatial" else models.upscaler_temporal
-        self.gen = torch.Generator().manual_seed(task.seed)
+    def __init__(self, name: str, cfg, spec: DataSpec):
+        self.name, self.task, self.spec = name, cfg.task, spec
+        self.cfg = getattr(cfg, name)
+        self.gen = torch.Generator().manual_seed(cfg.task.seed)
 
     def build_model(self) -> Upscaler:
         return Upscaler(self.cfg)
@@ -146,16 +131,31 @@ def _dtype(model) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def make_task(component: str, models: ModelsConfig, task: TaskConfig, spec: DataSpec):
-    """The training task for `component`: vae, denoiser, upscaler_spatial, upscaler_temporal."""
+def spec_for(component: str, world) -> DataSpec:
+    """The renditions a component trains on, from the world config's base clip: the denoiser
+    takes base-size clips at every frame rate (low rates feed the keyframe pass)."""
+    w, h, t, fps = world.width, world.height, world.frames, world.fps
+    if component == "upscaler_spatial":
+        return DataSpec(w, h, t, fps, hr_width=2 * w, hr_height=2 * h, hr_frames=t, hr_fps=fps)
+    if component == "upscaler_temporal":
+        return DataSpec(w, h, t, fps, hr_width=w, hr_height=h, hr_frames=2 * t - 1, hr_fps=2 * fps)
+    return DataSpec(w, h, t, None if component == "denoiser" else fps)
+
+
+def make_task(component: str, cfg, spec: DataSpec | None = None):
+    """The training task for `component` (vae, denoiser, upscaler_spatial, upscaler_temporal).
+
+    cfg: the resolved CinerayConfig (sections vae, denoiser, text, flow, upscaler_*, task, world).
+    spec: which renditions to train on; default spec_for(component, cfg.world)."""
+    spec = spec or spec_for(component, cfg.world)
     if component == "vae":
-        return VAETask(models, task, spec)
+        return VAETask(cfg, spec)
     if component == "denoiser":
         from cineray.pipelines.denoiser_task import DenoiserTask  # noqa: PLC0415
 
-        return DenoiserTask(models, task, spec)
+        return DenoiserTask(cfg, spec)
     if component in ("upscaler_spatial", "upscaler_temporal"):
-        return UpscalerTask(component, models, task, spec)
+        return UpscalerTask(component, cfg, spec)
     raise ValueError(
         f"train.component must be one of vae, denoiser, upscaler_spatial, upscaler_temporal; "
         f"got {component!r}")
