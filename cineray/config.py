@@ -29,6 +29,7 @@ from cineray.models.video_vae import VAEConfig
 from cineray.pipelines.flow import FlowConfig, SamplerConfig
 from cineray.pipelines.training import TaskConfig
 from cineray.storage import StorageConfig
+from cineray.world import WorldConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 T = TypeVar("T")
@@ -40,6 +41,7 @@ class CinerayConfig:
     """Every section of cineray's configuration (each section's dataclass lives with its code)."""
 
     storage: StorageConfig = field(default_factory=StorageConfig)
+    world: WorldConfig = field(default_factory=WorldConfig)  # the synthetic dataset's scenes
     text: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     denoiser: DiTConfig = field(default_factory=DiTConfig)
@@ -116,7 +118,19 @@ def _to_object(cfg, source: str):
     except OmegaConfBaseException as e:
         raise ConfigError(_explain(e, source)) from None
     except (ValueError, TypeError) as e:  # a section's own __post_init__ check
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {_failing_section(cfg)}{e}") from None
+
+
+def _failing_section(cfg) -> str:
+    """ "section 'world': " for the top-level section whose own checks fail, else ""."""
+    for name in cfg:
+        node = cfg[name]
+        if OmegaConf.is_config(node):
+            try:
+                OmegaConf.to_object(node)
+            except (ValueError, TypeError):
+                return f"section '{name}': "
+    return ""
 
 
 def _explain(e: OmegaConfBaseException, source: str) -> str:

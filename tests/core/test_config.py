@@ -20,6 +20,7 @@ from cineray.models.text_encoder import TEXT_PRESETS
 from cineray.models.upscaler import UPSCALER_PRESETS
 from cineray.models.video_vae import VAE_PRESETS, VAEConfig
 from cineray.storage import StorageConfig
+from cineray.world import WorldConfig
 
 
 def test_presets_load_as_plain_dataclasses():
@@ -112,6 +113,16 @@ def test_post_init_checks_become_config_errors():
     assert load_config(None, ["n=2"], schema=Checked).n == 2
     with pytest.raises(ConfigError, match="n must be >= 0, got -1"):
         load_config(None, ["n=-1"], schema=Checked)
+    with pytest.raises(ConfigError, match="section 'world': frames=10 must be 1 \\+ 4k"):
+        load_config("tiny", ["world.frames=10"])
+
+
+def test_world_section():
+    cfg = load_config("tiny", ["world.object_size=[0.2,0.3]", "world.frames=9"])
+    assert type(cfg.world) is WorldConfig
+    assert cfg.world.object_size == (0.2, 0.3) and cfg.world.frames == 9
+    tiny = load_config("tiny").world
+    assert (tiny.width, tiny.height, tiny.frames, tiny.fps) == (32, 32, 17, 8.0)
 
 
 def test_dict_round_trip_and_validation():
