@@ -22,6 +22,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from cineray.errors import ConfigError
+from cineray.jobs.train_config import TrainConfig
 from cineray.models.dit import DiTConfig
 from cineray.models.text_encoder import TextEncoderConfig
 from cineray.models.upscaler import UpscalerConfig
@@ -51,6 +52,7 @@ class CinerayConfig:
     flow: FlowConfig = field(default_factory=FlowConfig)  # training noise process
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # generation defaults
     task: TaskConfig = field(default_factory=TaskConfig)  # training losses and augmentation
+    train: TrainConfig = field(default_factory=TrainConfig)  # the training job (jobs/train.py)
 
 
 def preset_names() -> list[str]:

@@ -1,0 +1,295 @@
+"""Training job: Ray Data shards -> Ray Train TorchTrainer workers -> DeepSpeed -> checkpoints.
+
+    python -m cineray.jobs.train --config tiny train.component=vae train.max_steps=500
+    python -m cineray.jobs.train export --run tiny-vae --out checkpoints/cineray-tiny/vae
+
+One job trains any component (train.component: vae, denoiser, upscaler_spatial,
+upscaler_temporal) through its pipelines.training task. Each worker wraps the plain model in
+DeepSpeed (cluster.deepspeed_setup), keeps EMA weights, and every `checkpoint_every` steps saves
+its shard and reports it to Ray Train under `<storage_path>/<run_name>/step_<N>/`. A worker
+failure restarts the group from the newest checkpoint (FailureConfig); running the same command
+again with the same run_name resumes too. Layout of a run: jobs/train_io.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+import time
+
+import torch
+
+from cineray.cluster.deepspeed_setup import (
+    EMA,
+    apply_deepspeed,
+    full_state_dict,
+    load_shards,
+    save_shards,
+)
+from cineray.jobs import train_io
+from cineray.jobs.data import ClipBatcher, Renditions, WorkerStream, build_dataset
+from cineray.jobs.train_config import DataConfig, TrainConfig
+from cineray.pipelines.training import make_task, spec_for
+from cineray.pipelines.weights import save_component
+from cineray.storage import Storage
+
+__all__ = ["TrainConfig", "DataConfig", "train", "export"]
+
+
+def _spec(cfg):
+    """The component's renditions (pipelines.training.spec_for) and their pipeline view."""
+    spec = spec_for(cfg.train.component, cfg.world)
+    return spec, Renditions.from_spec(spec)
+
+
+# Driver ------------------------------------------------------------------------------------------
+def train(cfg):
+    """Run (or resume) the training run ``cfg.train`` describes; returns Ray Train's Result.
+
+    ``cfg`` is the resolved root config (cineray.config.CinerayConfig with a ``train`` section).
+    Needs a connected Ray (entry points call ray.init, this function does not)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    tc: TrainConfig = cfg.train
+    storage = Storage(cfg.storage)
+    _, ren = _spec(cfg)
+    dataset, total = build_dataset(storage, tc.data_uri, ren, tc.data)
+    run_uri = storage.join(tc.storage_path, tc.run_name)
+    path, fs = train_io.ray_storage(storage, tc.storage_path)
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"cfg": cfg, "total_rows": total, "run_uri": run_uri,
+                           # Ray restores its own newest checkpoint; this one covers a run whose
+                           # bookkeeping was lost (a crash mid-report, another machine).
+                           "resume": train_io.latest_checkpoint(storage, run_uri)},
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     resources_per_worker={"CPU": tc.cpus_per_worker}),
+        run_config=RunConfig(
+            name=tc.run_name, storage_path=path, storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=tc.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=tc.keep_checkpoints)),
+        datasets={"train": dataset},
+        torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
+    )
+    return trainer.fit()
+
+
+def export(cfg, run: str, out: str) -> str:
+    """Write the serving weights of ``run`` (a run name under train.storage_path, a run URI or a
+    step_<N> checkpoint URI) to ``out``; returns the absolute ``out``."""
+    storage = Storage(cfg.storage)
+    if "/" not in run and "://" not in run:
+        run = storage.join(cfg.train.storage_path, run)
+    if "://" not in out:
+        out = os.path.abspath(out)
+    return train_io.export(storage, run, out)
+
+
+# Worker ------------------------------------------------------------------------------------------
+def _worker(args: dict) -> None:
+    """One Ray Train worker: the training loop. Every step is a collective, so all ranks run
+    the same number of steps and reports."""
+    import ray.train
+
+    cfg = args["cfg"]
+    tc: TrainConfig = cfg.train
+    torch.set_num_threads(tc.threads_per_worker)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    storage = Storage(cfg.storage)
+
+    # 1. model: identical initial weights on every rank, then DeepSpeed from outside.
+    torch.manual_seed(tc.seed)
+    spec, ren = _spec(cfg)
+    # Per-rank task seed: each rank draws its own noise levels and crops.
+    task_cfg = dataclasses.replace(cfg.task, seed=cfg.task.seed + 1000 * rank)
+    task = make_task(tc.component, dataclasses.replace(cfg, task=task_cfg), spec)
+    model = task.build_model()
+    init_ema = _warm_start(model, storage, tc)
+    engine = apply_deepspeed(model, tc, world)
+    ema = EMA(engine.module, tc.ema_decay, tc.zero_stage, rank)
+    if init_ema is not None and rank == 0:
+        ema.shadow = {k: v.float() if v.is_floating_point() else v for k, v in init_ema.items()}
+    torch.manual_seed(tc.seed + 1000 * rank + 1)  # per-rank noise from here on
+
+    # 2. resume: weights, optimizer, LR schedule, EMA and the step counter.
+    state = _resume(engine, ema, storage, args["resume"], rank, world, tc)
+    step = state["step"]
+
+    # 3. data: this worker's split of the dataset, re-batched, in lockstep with the others.
+    shard, dc = ray.train.get_dataset_shard("train"), tc.data
+
+    def epoch_batches(epoch: int):
+        return shard.iter_batches(
+            batch_size=tc.batch_size, batch_format="numpy", prefetch_batches=dc.prefetch_batches,
+            local_shuffle_buffer_size=dc.shuffle_buffer or None,
+            local_shuffle_seed=tc.seed + 7919 * epoch + rank if dc.shuffle_buffer else None)
+
+    batcher = ClipBatcher(ren, tc.batch_size, seed=tc.seed + 1000 * rank + step)
+    stream = WorkerStream(epoch_batches, batcher, args["total_rows"], dc.max_bad_fraction)
+    stream.epoch = state.get("epoch", 0)
+    log = train_io.MetricsLog(storage, args["run_uri"], step) if rank == 0 else None
+    meter = _Meter(resumed=state.get("resumed_digest"))
+
+    # 4. loop: grad_accum micro-batches per optimizer step; DeepSpeed steps at the boundary.
+    while step < tc.max_steps:
+        t0, wait0 = time.perf_counter(), stream.wait_s
+        for _ in range(tc.grad_accum):
+            loss, parts = task.loss(engine, stream.next(), step)
+            engine.backward(loss)
+            engine.step()
+        step += 1
+        ema.update(engine.module, step)
+        meter.add(loss.item(), parts, time.perf_counter() - t0, stream.wait_s - wait0)
+        if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.max_steps:
+            metrics = meter.pop(step, stream, engine, ema, tc, world)
+            _report(engine, ema, task, metrics, tc, rank, world, stream.epoch)
+            if log is not None:
+                log.append(metrics)
+
+
+def _warm_start(model: torch.nn.Module, storage: Storage, tc: TrainConfig) -> dict | None:
+    """Load train.init_from (exported weights) into the plain model; returns its EMA or None."""
+    if not tc.init_from:
+        return None
+    raw, ema = train_io.load_init_weights(storage, tc.init_from, tc.component)
+    model.load_state_dict(raw)
+    return ema
+
+
+def _resume(engine, ema: EMA, storage, resume_uri, rank, world, tc) -> dict:
+    """Load the newest checkpoint (Ray's, or the one found in storage, whichever is newer)."""
+    import ray.train
+
+    found = []
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        found.append((train_io.checkpoint_step(ckpt.path), ckpt))
+    if resume_uri:
+        found.append((train_io.checkpoint_step(resume_uri), resume_uri))
+    if not found:
+        return {"step": 0, "epoch": 0}
+    _, src = max(found, key=lambda x: x[0])
+    with tempfile.TemporaryDirectory() as d:
+        if isinstance(src, str):
+            train_io.download(storage, src, d)
+        else:
+            src.to_directory(d)
+        state = json.load(open(os.path.join(d, "train_state.json")))
+        if (state["world_size"], state["zero_stage"]) != (world, tc.zero_stage):
+            raise ValueError(
+                f"checkpoint {src} was written by {state['world_size']} workers at ZeRO stage "
+                f"{state['zero_stage']}; resume with the same train.num_workers/zero_stage, or "
+                "export it and start a new run with train.init_from")
+        load_shards(engine, d)
+        if rank == 0:
+            from safetensors.torch import load_file
+
+            ema.shadow = load_file(os.path.join(d, "export", "model.safetensors"))
+    raw = full_state_dict(engine.module, tc.zero_stage, rank)
+    state["resumed_digest"] = train_io.weights_digest(raw) if rank == 0 else None
+    return state
+
+
+def _report(engine, ema: EMA, task, metrics: dict, tc: TrainConfig, rank, world, epoch) -> None:
+    """ray.train.report, with a checkpoint every ``checkpoint_every`` steps (all ranks call)."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    step = metrics["step"]
+    if step % tc.checkpoint_every and step != tc.max_steps:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        state = {"step": step, "epoch": epoch, "world_size": world, "zero_stage": tc.zero_stage,
+                 "component": tc.component}
+        save_shards(engine, d, state)
+        raw = full_state_dict(engine.module, tc.zero_stage, rank)
+        if rank == 0:
+            metrics["weights_digest"] = state["weights_digest"] = train_io.weights_digest(raw)
+            meta = {"step": step, "run": tc.run_name, "ema_decay": ema.decay_at(step)}
+            save_component(task.name, engine.module, os.path.join(d, "export"), ema.shadow, meta)
+            save_component(task.name, engine.module, os.path.join(d, "export", "raw"), raw, meta)
+            with open(os.path.join(d, "train_state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+        open(os.path.join(d, f"rank_{rank}.done"), "w").close()  # last: marks this rank done
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
+                         checkpoint_dir_name=train_io.checkpoint_name(step))
+
+
+class _Meter:
+    """Sums since the last report; ``pop`` turns them into one metrics row (averaged over
+    workers, so the row describes the whole group)."""
+
+    def __init__(self, resumed: str | None = None):
+        self.resumed = resumed
+        self._reset()
+
+    def _reset(self):
+        self.n, self.loss, self.step_s, self.wait_s, self.parts = 0, 0.0, 0.0, 0.0, {}
+
+    def add(self, loss: float, parts: dict, step_s: float, wait_s: float) -> None:
+        self.n += 1
+        self.loss, self.step_s, self.wait_s = self.loss + loss, self.step_s + step_s, self.wait_s + wait_s
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + float(v)
+
+    def pop(self, step: int, stream: WorkerStream, engine, ema: EMA, tc: TrainConfig,
+            world: int) -> dict:
+        keys = sorted(self.parts)
+        local = [self.loss, self.step_s, self.wait_s, *(self.parts[k] for k in keys)]
+        loss, step_s, wait_s, *parts = (v / self.n for v in _mean_over_workers(local))
+        row = {"step": step, "epoch": stream.epoch, "loss": loss,
+               "lr": float(engine.get_lr()[0]), "ema_decay": ema.decay_at(step),
+               "clips_per_s": tc.batch_size * tc.grad_accum * world / step_s,
+               "step_s": step_s, "data_wait_fraction": wait_s / step_s,
+               "bad_clips": stream.bad, "time": time.time(), **dict(zip(keys, parts, strict=True))}
+        if self.resumed:
+            row["resumed_digest"], self.resumed = self.resumed, None
+        self._reset()
+        return row
+
+
+def _mean_over_workers(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+# Entry point -------------------------------------------------------------------------------------
+def main(argv: list[str]) -> int:
+    import argparse
+
+    from cineray.cli import start_ray
+    from cineray.config import load_config
+
+    if argv[:1] == ["export"]:
+        p = argparse.ArgumentParser(prog="python -m cineray.jobs.train export")
+        p.add_argument("--run", required=True, help="run name, run URI or step_<N> URI")
+        p.add_argument("--out", required=True, help="output folder (local or s3://)")
+        p.add_argument("--config", default="tiny")
+        p.add_argument("overrides", nargs="*", help="key=value config overrides")
+        a = p.parse_args(argv[1:])
+        print(export(load_config(a.config, a.overrides), a.run, a.out))
+        return 0
+    p = argparse.ArgumentParser(prog="python -m cineray.jobs.train")
+    p.add_argument("--config", default="tiny", help="preset name or .yaml path")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. train.lr=1e-3")
+    a = p.parse_args(argv)
+    cfg = load_config(a.config, a.overrides)
+    start_ray()
+    result = train(cfg)
+    print(json.dumps({"checkpoint": result.checkpoint and result.checkpoint.path,
+                      "metrics": result.metrics}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
