@@ -128,5 +128,47 @@ def config_show(config: ConfigOption = "tiny", overrides: SetOption = None) -> N
     typer.echo(to_yaml(resolve_config(config, overrides)), nl=False)
 
 
+@app.command()
+def render(
+    prompt: Annotated[str, typer.Argument(help="What to render, e.g. 'a red ball falling'.")],
+    frames: Annotated[int, typer.Option(help="Frames at the base frame rate (>= 1).")] = 17,
+    fps: Annotated[float, typer.Option(help="Base frame rate.")] = 8.0,
+    seed: Annotated[int, typer.Option(help="Same seed and settings, same clip.")] = 0,
+    camera: Annotated[str | None, typer.Option(help="Camera motion: static, pan_left, ...")] = None,
+    camera_speed: Annotated[float | None, typer.Option(help="Camera speed.")] = None,
+    focal_length: Annotated[float, typer.Option(help="Focal length in mm.")] = 50.0,
+    negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
+    image: Annotated[str | None, typer.Option(help="First frame (PNG/JPEG): image-to-video.")] = None,
+    upscale: Annotated[str, typer.Option(help="none | spatial | full (x2 size, x2 fps).")] = "none",
+    steps: Annotated[int | None, typer.Option(help="Sampler steps.")] = None,
+    guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    sampler: Annotated[str | None, typer.Option(help="euler | heun.")] = None,
+    width: Annotated[int, typer.Option(help="Base width in pixels.")] = 32,
+    height: Annotated[int, typer.Option(help="Base height in pixels.")] = 32,
+    checkpoint: Annotated[str | None, typer.Option(help="Exported components folder.")] = None,
+    out: Annotated[str | None, typer.Option(help="Output MP4 (default cineray-data/renders/).")] = None,
+) -> None:
+    """Render a clip in this process and print the MP4's path."""
+    import os
+
+    from cineray.pipelines import generate as g
+    from cineray.pipelines.stages import Components, GenerationRequest, load_image
+
+    picture = load_image(image, (width, height)) if image else None
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps,
+        width=width, height=height, camera=camera, camera_speed=camera_speed,
+        focal_length_mm=focal_length, guidance=guidance, steps=steps, sampler=sampler,
+        image=picture, upscale=upscale)
+    if checkpoint and not os.path.isdir(checkpoint):
+        raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a folder; give the folder "
+                                f"holding vae/, denoiser/, upscaler_spatial/, upscaler_temporal/")
+    components = Components.load(checkpoint) if checkpoint else Components.load()
+    if out and "://" not in out:
+        out = os.path.abspath(out)  # relative to the working directory, not the storage root
+    path, _ = g.render_to_file(components, request, out)
+    typer.echo(path)
+
+
 if __name__ == "__main__":  # python -m cineray.cli
     sys.exit(app())

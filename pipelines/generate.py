@@ -1,0 +1,288 @@
+"""One-process generation: the stages of stages.py chained as streams, window by window.
+
+    text -> plan -> [keyframe pass] -> for each window: denoise -> decode -> blend
+         -> spatial x2 (chunked) -> temporal x2 (chunked) -> uint8 frames -> MP4
+
+Windows flow through decode, blending and the upscalers as they finish, so no stage holds a
+long clip in memory; only the finished uint8 frames grow with the clip's length.
+Task variants share the stream helpers: `generate` (text-to-video, or image-to-video when the
+request holds an image), `image_to_video`, `extend`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from cineray.pipelines.stages import (
+    Components,
+    GenerationRequest,
+    PromptEmbedding,
+    decode,
+    denoise_latents,
+    denoise_window,
+    derive_seed,
+    encode_images,
+    encode_text,
+    image_latent,
+    mux,
+    prefix_frames,
+    sampler_config,
+    to_uint8,
+    upscale,
+    upscaler_context,
+)
+from cineray.pipelines.training import to_video
+from cineray.pipelines.windows import Blender, WindowPlan, plan_windows
+from cineray.storage import Storage
+
+# progress(stage, fraction of the whole job's denoising steps done, in [0, 1])
+ProgressFn = Callable[[str, float], None]
+
+
+@dataclass
+class GenerationResult:
+    frames: np.ndarray  # uint8 (T, H, W, 3), after the upscalers
+    fps: float
+    preview: np.ndarray  # uint8 (T0, h, w, 3): the base-resolution frames
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage
+    plan: WindowPlan | None = None
+    seed: int = 0
+
+
+class Timer:
+    """Seconds per stage, summed over calls (the stages interleave as windows stream)."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, stage: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - t0
+
+
+class _Steps:
+    """Turns the sampler's per-window step callbacks into one fraction for the whole job."""
+
+    def __init__(self, progress: ProgressFn | None, windows: int):
+        self.progress, self.total, self.done = progress, max(windows, 1), 0
+
+    def window(self, stage: str):
+        if self.progress is None:
+            return None
+        base, self.done = self.done, self.done + 1
+        return lambda i, n: self.progress(stage, (base + i / n) / self.total)
+
+
+def check_request(components: Components, request: GenerationRequest) -> None:
+    """Checks that need the components: the base size against the latent grid."""
+    multiple = components.vae.spatial_factor * components.denoiser.cfg.patch[1]
+    for name in ("width", "height"):
+        v = getattr(request, name)
+        if v % multiple:
+            raise ValueError(f"{name} must be a multiple of {multiple} (VAE factor "
+                             f"{components.vae.spatial_factor} x denoiser patch), got {v}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Task variants
+# ---------------------------------------------------------------------------------------------
+
+
+def generate(components: Components, request: GenerationRequest,
+             progress: ProgressFn | None = None) -> GenerationResult:
+    """Text-to-video (image-to-video when request.image is set), any length."""
+    check_request(components, request)
+    timer = Timer()
+    with timer("encode_text"):
+        text = encode_text(components, request)
+    plan = plan_windows(request.frames, request.fps, components.windows)
+    first = None
+    if request.image is not None:
+        with timer("encode_image"):
+            first = image_latent(components, request.image)
+    steps = _Steps(progress, len(plan.all_windows()))
+    base = base_frames(components, request, text, plan, first, timer, steps)
+    return finish(components, request, base, timer, plan)
+
+
+def image_to_video(components: Components, request: GenerationRequest, image: np.ndarray,
+                   progress: ProgressFn | None = None) -> GenerationResult:
+    """Animate `image` (uint8 (H, W, 3)): it is held exactly as latent frame 0."""
+    return generate(components, replace(request, image=image), progress)
+
+
+def extend(components: Components, request: GenerationRequest, clip: np.ndarray,
+           context: int = 5, progress: ProgressFn | None = None) -> GenerationResult:
+    """Continue `clip` (uint8 (T, H, W, 3)) by request.frames frames: each step holds the last
+    `context` frames (1 + 4m) as an exact latent prefix and samples the rest of a window."""
+    check_request(components, request)
+    if clip.ndim != 4 or clip.shape[1:] != (request.height, request.width, 3):
+        raise ValueError(f"clip must be uint8 (T, {request.height}, {request.width}, 3), "
+                         f"got {clip.shape}")
+    limit = components.windows.frames - 4
+    if (context - 1) % 4 or not 1 <= context <= min(limit, len(clip)):
+        raise ValueError(f"context must be 1 + 4m frames, at most {limit} and at most the clip's "
+                         f"{len(clip)} frames, got {context}")
+    timer = Timer()
+    with timer("encode_text"):
+        text = encode_text(components, request)
+    new = components.windows.frames - context  # new frames per step
+    steps = _Steps(progress, -(-request.frames // new))
+    base = extension_frames(components, request, text, clip, context, timer, steps)
+    return finish(components, request, base, timer, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streams
+# ---------------------------------------------------------------------------------------------
+
+
+def base_frames(components: Components, request: GenerationRequest, text: PromptEmbedding,
+                plan: WindowPlan, first: torch.Tensor | None, timer: Timer,
+                steps: _Steps) -> Iterator[torch.Tensor]:
+    """Finished base-resolution frames (1, 3, n, H, W) of `plan`, in order.
+
+    first: (C, h, w) latent of the clip's first frame (image-to-video), or None. A plan with a
+    keyframe pass renders it first (the same way, recursively) and encodes its frames as images.
+    """
+    keyframes = None if first is None else first[None]
+    if plan.keyframes is not None:
+        images = torch.cat(list(base_frames(components, request, text, plan.keyframes.plan,
+                                            first, timer, steps)), dim=2)  # (1, 3, count, H, W)
+        with timer("encode_keyframes"):
+            keyframes = encode_images(components, images[0].transpose(0, 1))
+        if first is not None:
+            keyframes[0] = first  # the given image itself, not its decode-encode round trip
+    blender = Blender(plan)
+    for window in plan.windows:
+        stage = "denoise" if window.level == 0 else "denoise_keyframes"
+        with timer(stage):
+            z = denoise_window(components, request, text, window, keyframes, request.seed,
+                               steps.window(stage))
+        with timer("decode"):
+            video = decode(components, z)
+        with timer("blend"):
+            done = blender.add(window, video)
+        yield done
+
+
+def extension_frames(components: Components, request: GenerationRequest, text: PromptEmbedding,
+                     clip: np.ndarray, context: int, timer: Timer,
+                     steps: _Steps) -> Iterator[torch.Tensor]:
+    """The clip's own frames, then request.frames new ones, one window at a time."""
+    video = to_video(torch.from_numpy(np.ascontiguousarray(clip))[None])  # (1, 3, T, H, W)
+    yield video
+    ctx, remaining, i = video[:, :, -context:], request.frames, 0
+    while remaining > 0:
+        new = min(remaining, components.windows.frames - context)
+        latent_frames = 1 + -(-(context - 1 + new) // 4)
+        with timer("encode_context"):
+            prefix = components.vae.encode(ctx.to(components.device)).cpu()
+        with timer("denoise"):
+            z = denoise_latents(components, request, text, prefix_frames(prefix, latent_frames),
+                                request.fps, derive_seed(request.seed, "extend", i),
+                                steps.window("denoise"))
+        with timer("decode"):
+            out = decode(components, z)[:, :, context : context + new]
+        yield out
+        ctx = torch.cat([ctx, out], dim=2)[:, :, -context:]
+        remaining, i = remaining - new, i + 1
+
+
+def upscale_stream(components: Components, kind: str, chunks: Iterator[torch.Tensor],
+                   timer: Timer) -> Iterator[torch.Tensor]:
+    """Run one upscaler stage over a stream of frame chunks (1, 3, n, H, W), in chunks of
+    components.upscale_chunk frames with enough context on each side that the result equals
+    upscaling the whole clip at once."""
+    halo, step = upscaler_context(components, kind), components.upscale_chunk
+    buf, buf_start, done = None, 0, 0  # buf holds frames [buf_start, ...) of the stream
+    for chunk in chunks:
+        buf = chunk if buf is None else torch.cat([buf, chunk], dim=2)
+        while buf_start + buf.shape[2] - done >= step + halo:
+            with timer(f"upscale_{kind}"):
+                out = _upscale_span(components, kind, buf, buf_start, done, done + step, halo)
+            done += step
+            keep = max(done - halo, buf_start) - buf_start  # drop frames no chunk needs again
+            buf, buf_start = buf[:, :, keep:], buf_start + keep
+            yield out
+    if buf is not None and buf_start + buf.shape[2] > done:
+        with timer(f"upscale_{kind}"):
+            out = _upscale_span(components, kind, buf, buf_start, done, None, halo)
+        yield out
+
+
+def _upscale_span(components, kind, buf, buf_start, a, b, halo) -> torch.Tensor:
+    """Upscaled frames for input frames [a, b) of the stream (b None: to the end of the stream).
+    Temporal stage: input frame i becomes output 2i and the midpoint to i + 1 output 2i + 1;
+    the stream's last frame has no midpoint."""
+    end = buf_start + buf.shape[2]
+    lo, hi = max(a - halo, buf_start), end if b is None else b + halo
+    y = upscale(components, kind, buf[:, :, lo - buf_start : hi - buf_start])
+    if kind == "spatial":
+        return y[:, :, a - lo : (end if b is None else b) - lo]
+    return y[:, :, 2 * (a - lo) : (y.shape[2] if b is None else 2 * (b - lo))]
+
+
+def finish(components: Components, request: GenerationRequest, base: Iterator[torch.Tensor],
+           timer: Timer, plan: WindowPlan | None) -> GenerationResult:
+    """Upscale the base stream as the request asks and collect uint8 frames and the preview."""
+    preview: list[np.ndarray] = []
+
+    def keep_preview(stream):
+        for chunk in stream:
+            preview.append(to_uint8(chunk))
+            yield chunk
+
+    stream, fps = keep_preview(base), request.fps
+    if request.upscale in ("spatial", "full"):
+        stream = upscale_stream(components, "spatial", stream, timer)
+    if request.upscale == "full":
+        stream, fps = upscale_stream(components, "temporal", stream, timer), fps * 2
+    frames = np.concatenate([to_uint8(chunk) for chunk in stream])
+    return GenerationResult(frames=frames, fps=fps, preview=np.concatenate(preview),
+                            timings=dict(timer.seconds), plan=plan, seed=request.seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------
+
+
+def default_render_path(request: GenerationRequest) -> str:
+    """renders/<prompt-slug>-seed<seed>-<digest>.mp4 (relative to the storage root); the digest
+    covers every request field, so different settings never overwrite each other."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:48] or "untitled"
+    h = hashlib.blake2b(digest_size=5)
+    for name, value in sorted(vars(request).items()):
+        h.update(name.encode() + (value.tobytes() if isinstance(value, np.ndarray)
+                                  else repr(value).encode()))
+    return f"renders/{slug}-seed{request.seed}-{h.hexdigest()}.mp4"
+
+
+def render_to_file(components: Components, request: GenerationRequest, out: str | None = None,
+                   storage: Storage | None = None, progress: ProgressFn | None = None,
+                   ) -> tuple[str, GenerationResult]:
+    """Generate, mux and write the MP4 atomically; returns (absolute URI, result).
+    out: a local path, s3:// URI or a path under the storage root (default: renders/...)."""
+    result = generate(components, request, progress)
+    t0 = time.perf_counter()
+    data = mux(result.frames, result.fps)
+    result.timings["mux"] = time.perf_counter() - t0
+    storage = storage or Storage()
+    return storage.write_bytes(out or default_render_path(request), data), result
+
+
+__all__ = ["GenerationResult", "generate", "image_to_video", "extend", "render_to_file",
+           "sampler_config"]

@@ -1,0 +1,156 @@
+"""Stage functions on tiny random components: guidance, samplers, seeds, exact conditioning."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from cineray.pipelines.conditioning import build_conditioning
+from cineray.pipelines.flow import SamplerConfig, guided_velocity, sample, timesteps
+from cineray.pipelines.generate import Timer, check_request, extend, upscale_stream
+from cineray.pipelines.stages import (
+    Components,
+    GenerationRequest,
+    denoise_latents,
+    denoise_window,
+    encode_text,
+    image_latent,
+    prefix_frames,
+    upscale,
+    window_frames,
+)
+from cineray.pipelines.weights import save_component
+from cineray.pipelines.windows import plan_windows
+
+REQ = GenerationRequest("a red circle falling", negative_prompt="blurry", camera="pan_left")
+
+
+def _conds(components, request=REQ, t_lat=5):
+    text = encode_text(components, request)
+    frames = torch.zeros(1, 10, t_lat, 8, 8)
+    labels = ([request.camera], [0.15], [50.0], [8.0])
+    return (build_conditioning(text.cond, *labels, frames),
+            build_conditioning(text.uncond, *labels, frames))
+
+
+def test_cfg_scale_1_equals_the_conditional_prediction(components):
+    model, flow = components.denoiser, components.flow
+    cond, uncond = _conds(components)
+    x = torch.randn(1, 8, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    tt = torch.full((1,), 0.7)
+    with torch.no_grad():
+        v_c = flow.velocity(model(x, tt, cond), x, tt)
+        v_u = flow.velocity(model(x, tt, uncond), x, tt)
+        assert torch.equal(guided_velocity(model, flow, cond, uncond, 1.0)(x, 0.7), v_c)
+        v_3 = guided_velocity(model, flow, cond, uncond, 3.0)(x, 0.7)
+    assert not torch.allclose(v_c, v_u)  # the negative prompt moves the prediction
+    torch.testing.assert_close(v_3, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 0.5])
+def test_timesteps_fall_monotonically_from_noise_to_data(shift):
+    ts = timesteps(12, shift)
+    assert ts.shape == (13,) and ts[0] == 1.0 and ts[-1] == 0.0
+    assert torch.all(ts[1:] < ts[:-1])
+
+
+def test_euler_and_heun_give_the_same_shape_and_different_paths(components):
+    cond, uncond = _conds(components)
+    out = {m: sample(components.denoiser, components.flow,
+                     SamplerConfig(method=m, steps=3, guidance=2.0), (1, 8, 5, 8, 8), cond,
+                     uncond, seed=5) for m in ("euler", "heun")}
+    assert out["euler"].shape == out["heun"].shape == (1, 8, 5, 8, 8)
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert not torch.allclose(out["euler"], out["heun"])
+
+
+def test_window_latents_are_a_pure_function_of_window_conditioning_and_seed(components):
+    plan = plan_windows(65, 8.0)
+    text = encode_text(components, REQ)
+    keys = torch.randn(17, 8, 8, 8, generator=torch.Generator().manual_seed(0))
+    w = plan.windows[1]
+    a = denoise_window(components, REQ, text, w, keys, seed=3)
+    assert torch.equal(a, denoise_window(components, REQ, text, w, keys, seed=3))
+    assert not torch.allclose(a, denoise_window(components, REQ, text, w, keys, seed=4))
+    other = replace(plan.windows[2], exact=w.exact, keys=w.keys)  # same conditioning, index 2
+    assert not torch.allclose(a, denoise_window(components, REQ, text, other, keys, seed=3))
+
+
+def test_exact_frames_come_out_unchanged(components, image):
+    """Image-to-video: latent frame 0 is the image's latent, bit for bit; a window of a long
+    clip starts exactly on its keyframe."""
+    req = replace(REQ, image=image)
+    text = encode_text(components, req)
+    first = image_latent(components, image)
+    window = plan_windows(17, 8.0).windows[0]
+    z = denoise_window(components, req, text, window, first[None], seed=0)
+    assert torch.equal(z[0, :, 0], first)
+    free = denoise_window(components, req, text, window, None, seed=0)
+    assert not torch.allclose(free[0, :, 0], first)
+
+    plan = plan_windows(65, 8.0)
+    keys = torch.randn(17, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    z = denoise_window(components, REQ, text, plan.windows[2], keys, seed=0)
+    assert torch.equal(z[0, :, 0], keys[plan.windows[2].exact])
+    frames = window_frames(components, REQ, plan.windows[2], keys)
+    assert frames[0, 9, 1:].flatten().unique().tolist() == [1.0]  # the 4 group ends are keys
+    assert frames[0, 8].sum() == 64  # only latent frame 0 (8x8) is exact
+
+
+def test_extension_holds_the_context_prefix_exactly(components):
+    video = torch.rand(1, 3, 5, 32, 32) * 2 - 1
+    prefix = components.vae.encode(video)  # (1, 8, 2, 8, 8)
+    text = encode_text(components, REQ)
+    z = denoise_latents(components, REQ, text, prefix_frames(prefix, 5), 8.0, noise_seed=0)
+    assert torch.equal(z[:, :, :2], prefix)
+
+    clip = (np.random.default_rng(0).random((7, 32, 32, 3)) * 255).astype(np.uint8)
+    result = extend(components, replace(REQ, frames=15), clip, context=5)
+    assert result.frames.shape == (22, 32, 32, 3)
+    assert np.array_equal(result.frames[:7], clip)
+
+
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_chunked_upscaling_equals_whole_clip(components, kind):
+    video = torch.rand(1, 3, 23, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    whole = upscale(components, kind, video)
+    sizes = [5, 1, 9, 8]
+    chunks = iter(torch.split(video, sizes, dim=2))
+    got = torch.cat(list(upscale_stream(replace(components, upscale_chunk=4), kind, chunks,
+                                        Timer())), dim=2)
+    assert got.shape == whole.shape
+    torch.testing.assert_close(got, whole, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("change", "match"), [
+    ({"frames": 0}, "frames must be an integer >= 1"),
+    ({"fps": -1.0}, "fps must be a number > 0"),
+    ({"camera": "spin"}, "camera 'spin' is unknown; use one of static, pan_left"),
+    ({"upscale": "x4"}, "upscale must be one of none, spatial, full"),
+    ({"sampler": "ddim"}, "sampler must be one of euler, heun"),
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"focal_length_mm": 0}, "focal_length_mm must be a number > 0"),
+    ({"seed": -1}, "seed must be an integer"),
+    ({"image": np.zeros((16, 16, 3), np.uint8)}, "image must be a uint8 array \\(32, 32, 3\\)"),
+])
+def test_bad_requests_name_the_field(change, match):
+    with pytest.raises(ValueError, match=match):
+        replace(REQ, **change)
+
+
+def test_base_size_must_fit_the_latent_grid(components):
+    with pytest.raises(ValueError, match="width must be a multiple of 8"):
+        check_request(components, replace(REQ, width=36))
+
+
+def test_exported_components_are_loaded_and_missing_ones_are_random(components, tmp_path):
+    save_component("vae", components.vae, tmp_path / "vae")
+    loaded = Components.load(tmp_path, seed=7)
+    assert loaded.random == ("denoiser", "upscaler_spatial", "upscaler_temporal")
+    for k, v in components.vae.state_dict().items():
+        assert torch.equal(loaded.vae.state_dict()[k], v)
+    assert loaded.text is components.text  # the frozen text encoder is loaded once per process
+    check_request(loaded, REQ)

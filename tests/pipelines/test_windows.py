@@ -1,0 +1,128 @@
+"""Window plans: coverage, blend weights, keyframe alignment, and the streaming blender."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cineray.pipelines.windows import Blender, WindowConfig, plan_windows
+
+FRAMES = [1, 2, 4, 5, 9, 16, 17, 18, 21, 33, 34, 49, 64, 65, 66, 100, 129, 257, 300, 1025]
+CONFIGS = [(w, o) for w in (5, 9, 17, 33) for o in (1, 2, 3, 4, 5, 8) if o <= (w - 1) // 2]
+
+
+def _levels(plan):
+    while plan is not None:
+        yield plan
+        plan = plan.keyframes.plan if plan.keyframes else None
+
+
+@pytest.mark.parametrize(("window", "overlap"), CONFIGS)
+def test_every_frame_is_covered_once_after_blending(window, overlap):
+    cfg = WindowConfig(window, overlap)
+    for frames in FRAMES:
+        for plan in _levels(plan_windows(frames, 8.0, cfg)):
+            total = torch.zeros(plan.planned, dtype=torch.float64)
+            for w in plan.windows:
+                assert w.length <= window and (w.length - 1) % 4 == 0
+                total[w.start : w.end] += plan.weights(w)
+            torch.testing.assert_close(total, torch.ones_like(total), rtol=0, atol=1e-12)
+            assert plan.windows[0].start == 0
+            assert 0 <= plan.planned - plan.frames < 4  # only the rounding to 1 + 4k is trimmed
+            ends = [w.end for w in plan.windows]
+            starts = [w.start for w in plan.windows]
+            assert all(e - s == overlap for s, e in zip(starts[1:], ends[:-1], strict=True))
+
+
+@pytest.mark.parametrize(("window", "overlap"), CONFIGS)
+def test_keyframes_sit_on_window_starts_and_group_ends(window, overlap):
+    for frames in FRAMES:
+        plan = plan_windows(frames, 8.0, WindowConfig(window, overlap))
+        if plan.keyframes is None:
+            assert len(plan.windows) == 1 and frames <= window
+            continue
+        kp = plan.keyframes
+        assert kp.plan.frames == kp.count and kp.plan.fps == pytest.approx(8.0 / kp.stride)
+        assert (kp.count - 1) * kp.stride < plan.planned <= kp.count * kp.stride
+        for w in plan.windows:
+            assert w.exact * kp.stride == w.start  # every window starts on a keyframe
+            for j, k in w.keys:
+                assert k < kp.count and k * kp.stride == w.start + 4 * j and j >= 1
+            if (window - overlap) % 4 == 0:  # aligned: every keyframe inside a window is used
+                inside = {k for k in range(kp.count) if w.start < k * kp.stride < w.end}
+                assert inside == {k for _, k in w.keys}
+
+
+def test_four_windows_of_17_make_65_frames_with_a_keyframe_on_every_group_end():
+    plan = plan_windows(65, 8.0)
+    assert [(w.start, w.length) for w in plan.windows] == [(0, 17), (16, 17), (32, 17), (48, 17)]
+    assert plan.keyframes.stride == 4 and plan.keyframes.count == 17
+    assert plan.keyframes.plan.windows[0].length == 17 and plan.keyframes.plan.fps == 2.0
+    for w in plan.windows:
+        assert w.exact == w.start // 4
+        assert w.keys == tuple((j, w.start // 4 + j) for j in range(1, 5))
+    assert plan.keyframes.plan.keyframes is None  # the keyframe pass is one window
+
+
+def test_one_window_clips_have_no_keyframe_pass():
+    for frames, length in [(1, 1), (2, 5), (16, 17), (17, 17)]:
+        plan = plan_windows(frames, 8.0)
+        assert plan.keyframes is None and [w.length for w in plan.windows] == [length]
+
+
+def test_long_clips_get_a_windowed_keyframe_pass():
+    plan = plan_windows(1025, 8.0)
+    levels = list(_levels(plan))
+    assert [len(p.windows) for p in levels] == [64, 4, 1]
+    assert all(w.length <= 17 for p in levels for w in p.windows)
+
+
+@pytest.mark.parametrize(("frames", "window", "overlap"),
+                         [(1, 17, 1), (17, 17, 1), (18, 17, 1), (65, 17, 1), (70, 9, 2),
+                          (100, 17, 5), (41, 9, 3)])
+def test_blender_reproduces_consistent_windows_exactly(frames, window, overlap):
+    """Windows that agree on their overlap blend back to the same frames, and exactly `frames`
+    come out, chunk by chunk, in order."""
+    plan = plan_windows(frames, 8.0, WindowConfig(window, overlap))
+    clip = torch.arange(plan.planned, dtype=torch.float64)[None, None, :, None, None]
+    clip = clip.expand(1, 3, -1, 2, 2)
+    blender = Blender(plan)
+    out = list(blender.run((w, clip[:, :, w.start : w.end].clone()) for w in plan.windows))
+    torch.testing.assert_close(torch.cat(out, dim=2), clip[:, :, :frames], rtol=0, atol=1e-9)
+
+
+def test_blender_ramps_between_disagreeing_windows():
+    plan = plan_windows(33, 8.0, WindowConfig(17, 5))  # windows [0, 17) and [12, 29) + [24, 33)
+    blender = Blender(plan)
+    out = torch.cat([blender.add(w, torch.full((1, 1, w.length, 1, 1), float(w.index)))
+                     for w in plan.windows], dim=2).flatten()
+    ramp = out[12:17]
+    assert torch.all(ramp[1:] > ramp[:-1]) and 0 < ramp[0] and ramp[-1] < 1
+    assert torch.all(out[:12] == 0) and torch.all(out[17:24] == 1)
+
+
+def test_blender_rejects_out_of_order_windows():
+    plan = plan_windows(65, 8.0)
+    with pytest.raises(ValueError, match="in order"):
+        Blender(plan).add(plan.windows[1], torch.zeros(1, 3, 17, 2, 2))
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"frames": 0}, "frames must be an integer >= 1"),
+    ({"fps": 0}, "fps must be > 0"),
+    ({"config": WindowConfig(16, 1)}, "window frames must be 1 \\+ 4k"),
+    ({"config": WindowConfig(17, 9)}, "window overlap must be in \\[1, 8\\]"),
+    ({"config": WindowConfig(17, 0)}, "window overlap"),
+])
+def test_bad_plans_name_the_field(kwargs, match):
+    args = {"frames": 65, "fps": 8.0, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        plan_windows(args["frames"], args["fps"], args.get("config"))
+
+
+def test_plans_are_deterministic_and_small():
+    a = plan_windows(257, 8.0)
+    assert a == plan_windows(257, 8.0)
+    n = len(a.all_windows())
+    assert n == 17 and len(a.windows) == 16  # 16 windows + one 17-frame keyframe pass
+    assert a.keyframes.stride == 16 and a.keyframes.plan.fps == 0.5
