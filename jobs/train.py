@@ -62,10 +62,7 @@ def train(cfg):
     path, fs = train_io.ray_storage(storage, tc.storage_path)
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"cfg": cfg, "total_rows": total, "run_uri": run_uri,
-                           # Ray restores its own newest checkpoint; this one covers a run whose
-                           # bookkeeping was lost (a crash mid-report, another machine).
-                           "resume": train_io.latest_checkpoint(storage, run_uri)},
+        train_loop_config={"cfg": cfg, "total_rows": total, "run_uri": run_uri},
         scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
                                      resources_per_worker={"CPU": tc.cpus_per_worker}),
         run_config=RunConfig(
@@ -117,7 +114,7 @@ def _worker(args: dict) -> None:
     torch.manual_seed(tc.seed + 1000 * rank + 1)  # per-rank noise from here on
 
     # 2. resume: weights, optimizer, LR schedule, EMA and the step counter.
-    state = _resume(engine, ema, storage, args["resume"], rank, world, tc)
+    state = _resume(engine, ema, storage, args["run_uri"], rank, world, tc)
     step = state["step"]
 
     # 3. data: this worker's split of the dataset, re-batched, in lockstep with the others.
@@ -161,15 +158,19 @@ def _warm_start(model: torch.nn.Module, storage: Storage, tc: TrainConfig) -> di
     return ema
 
 
-def _resume(engine, ema: EMA, storage, resume_uri, rank, world, tc) -> dict:
-    """Load the newest checkpoint (Ray's, or the one found in storage, whichever is newer)."""
+def _resume(engine, ema: EMA, storage, run_uri: str, rank, world, tc) -> dict:
+    """Load the newest checkpoint: Ray's, or a newer complete one found in storage (a worker
+    killed after its upload but before Ray registered it; a run whose Ray state was lost)."""
     import ray.train
+    import torch.distributed as dist
 
     found = []
     if (ckpt := ray.train.get_checkpoint()) is not None:
         found.append((train_io.checkpoint_step(ckpt.path), ckpt))
-    if resume_uri:
-        found.append((train_io.checkpoint_step(resume_uri), resume_uri))
+    scanned = [train_io.latest_checkpoint(storage, run_uri) if rank == 0 else None]
+    dist.broadcast_object_list(scanned, src=0)  # every rank must load the same one
+    if scanned[0]:
+        found.append((train_io.checkpoint_step(scanned[0]), scanned[0]))
     if not found:
         return {"step": 0, "epoch": 0}
     _, src = max(found, key=lambda x: x[0])

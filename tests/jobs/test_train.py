@@ -1,0 +1,134 @@
+"""The training job on real Ray Train + DeepSpeed (gloo, 2 CPU workers) with the tiny components.
+
+Slow by nature (each fit starts a worker group and DeepSpeed); sizes are the smallest that still
+exercise sharding: 2 workers, batch 2, a handful of steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+
+from cineray.config import load_config
+from cineray.jobs import train_io
+from cineray.jobs.train import export, train
+from cineray.storage import Storage, StorageConfig
+from tests.jobs.shards import BASE, write_shards
+
+
+def _cfg(root: str, run: str, *overrides: str, endpoint: str | None = None):
+    common = [f"storage.root={root}", f"train.run_name={run}", "train.data_uri=ds",
+              "train.num_workers=2", "train.cpus_per_worker=0.5", "train.batch_size=2",
+              "train.checkpoint_every=2", "train.log_every=1", "train.warmup_steps=1",
+              "train.data.decode_batch_size=4", "train.max_failures=0"]
+    if endpoint:
+        common.append(f"storage.endpoint_url={endpoint}")
+    return load_config("tiny", [*common, *overrides])
+
+
+def _rows(storage: Storage, run_uri: str) -> list[dict]:
+    text = storage.read_bytes(storage.join(run_uri, "metrics.jsonl")).decode()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_vae_zero2_from_s3_resumes_by_name_and_exports(ray_cluster, s3_server, s3_bucket, tmp_path):
+    storage = Storage(StorageConfig(root=s3_bucket, endpoint_url=s3_server))
+    write_shards(storage, "ds", 8, BASE)
+    args = ("train.component=vae", "train.zero_stage=2")
+    first = train(_cfg(s3_bucket, "vae-z2", *args, "train.max_steps=2", endpoint=s3_server))
+    assert first.metrics["step"] == 2
+    saved = first.metrics["weights_digest"]
+
+    # The same command with the same name (and a longer horizon) resumes from step 2.
+    cfg = _cfg(s3_bucket, "vae-z2", *args, "train.max_steps=4", endpoint=s3_server)
+    second = train(cfg)
+    run_uri = storage.join("runs", "vae-z2")
+    rows = _rows(storage, run_uri)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["resumed_digest"] == saved  # the weights loaded are the weights saved
+    assert second.metrics["step"] == 4 and second.metrics["weights_digest"] != saved
+    for key in ("loss", "lr", "clips_per_s", "data_wait_fraction", "bad_clips"):
+        assert key in rows[-1]
+    assert storage.read_bytes(storage.join(run_uri, "loss.png"))[:4] == b"\x89PNG"
+
+    # Export: consolidated EMA + raw weights in the serving format.
+    from cineray.pipelines.weights import load_component
+
+    out = export(cfg, "vae-z2", str(tmp_path / "vae"))
+    raw = load_file(os.path.join(out, "raw", "model.safetensors"))
+    assert train_io.weights_digest(raw) == second.metrics["weights_digest"]
+    ema = load_component(out)
+    assert type(ema).__name__ == "VideoVAE"
+    assert train_io.weights_digest(ema.state_dict()) != second.metrics["weights_digest"]
+
+
+def _kill_a_worker_after_first_checkpoint(storage, run_uri, killed: list, timeout=300):
+    """Background: once a complete checkpoint exists, SIGKILL one Ray Train worker process of
+    this test's own Ray cluster (a descendant of this process)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not killed:
+        if train_io.latest_checkpoint(storage, run_uri):
+            for p in psutil.Process().children(recursive=True):
+                try:
+                    if "RayTrainWorker" in " ".join(p.cmdline()):
+                        os.kill(p.pid, signal.SIGKILL)
+                        killed.append(p.pid)
+                        return
+                except psutil.Error:
+                    continue
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_denoiser_zero3_bf16_survives_a_killed_worker(ray_cluster, tmp_path):
+    from cineray.models.video_vae import VideoVAE
+    from cineray.pipelines.weights import save_component
+
+    root = str(tmp_path / "data")
+    storage = Storage(StorageConfig(root=root))
+    write_shards(storage, "ds", 8, BASE)
+    cfg = _cfg(root, "dit-z3", "train.component=denoiser", "train.zero_stage=3",
+               "train.precision=bf16", "train.max_steps=6", "train.max_failures=1",
+               f"task.vae_weights={tmp_path / 'vae'}", "task.text_stats_captions=32")
+    save_component("vae", VideoVAE(cfg.vae), tmp_path / "vae")  # a real (untrained) tiny VAE
+    run_uri = storage.join("runs", "dit-z3")
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(storage, run_uri, killed), daemon=True)
+    killer.start()
+    result = train(cfg)
+    killer.join(timeout=1)
+    assert killed, "no Ray Train worker was found to kill"
+    assert result.metrics["step"] == 6
+
+    rows = _rows(storage, run_uri)
+    assert [r["step"] for r in rows] == list(range(1, 7))  # the counter continued, no gaps
+    resumed = [i for i, r in enumerate(rows) if "resumed_digest" in r]
+    assert len(resumed) == 1
+    before = rows[resumed[0] - 1]  # the checkpoint the restarted workers loaded
+    assert before["step"] % 2 == 0 and "weights_digest" in before
+    assert rows[resumed[0]]["resumed_digest"] == before["weights_digest"]
+
+
+def test_newest_checkpoint_skips_incomplete_ones(local_storage):
+    run = local_storage.join("runs", "r")
+    for step, ranks in ((2, [0, 1]), (4, [0, 1]), (6, [0])):  # step 6: rank 1 never finished
+        ckpt = local_storage.join(run, train_io.checkpoint_name(step))
+        local_storage.write_bytes(local_storage.join(ckpt, "train_state.json"),
+                                  json.dumps({"step": step, "world_size": 2}).encode())
+        for r in ranks:
+            local_storage.write_bytes(local_storage.join(ckpt, f"rank_{r}.done"), b"")
+    assert train_io.latest_checkpoint(local_storage, run).endswith("step_00000004")
+    assert train_io.latest_checkpoint(local_storage, local_storage.join("runs", "none")) is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        train_io.export(local_storage, local_storage.join("runs", "none"), "out")
