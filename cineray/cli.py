@@ -170,5 +170,22 @@ def render(
     typer.echo(path)
 
 
+@app.command()
+def train(
+    component: Annotated[str | None, typer.Argument(
+        help="vae | denoiser | upscaler_spatial | upscaler_temporal (default: train.component)")] = None,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+) -> None:
+    """Train (or resume, same train.run_name) a component on Ray Train + DeepSpeed."""
+    sets = [*(overrides or []), *([f"train.component={component}"] if component else [])]
+    cfg = resolve_config(config, sets)
+    from cineray.jobs.train import train as run  # heavy imports inside the command
+
+    start_ray()
+    result = run(cfg)
+    typer.echo(f"step {result.metrics.get('step')}: {result.checkpoint.path if result.checkpoint else '-'}")
+
+
 if __name__ == "__main__":  # python -m cineray.cli
     sys.exit(app())

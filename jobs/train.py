@@ -55,6 +55,7 @@ def train(cfg):
     from ray.train.torch import TorchConfig, TorchTrainer
 
     tc: TrainConfig = cfg.train
+    _check_cpus(tc)
     storage = Storage(cfg.storage)
     _, ren = _spec(cfg)
     dataset, total = build_dataset(storage, tc.data_uri, ren, tc.data)
@@ -73,6 +74,19 @@ def train(cfg):
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
     )
     return trainer.fit()
+
+
+def _check_cpus(tc: TrainConfig) -> None:
+    """Streaming decode runs beside the workers: without a spare CPU it would wait forever."""
+    import ray
+
+    spare = ray.cluster_resources().get("CPU", 0) - tc.num_workers * tc.cpus_per_worker
+    if not tc.data.cache and spare < tc.data.decode_cpus:
+        raise ValueError(
+            f"train.data.cache=false decodes while training, but {tc.num_workers} workers x "
+            f"train.cpus_per_worker={tc.cpus_per_worker} leave {spare:g} of the cluster's CPUs "
+            f"for decoding (train.data.decode_cpus={tc.data.decode_cpus}); lower "
+            "train.cpus_per_worker or set train.data.cache=true")
 
 
 def export(cfg, run: str, out: str) -> str:
@@ -293,4 +307,10 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from cineray.cli import USER_ERRORS
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except USER_ERRORS as e:  # bad input: one line, like the cineray CLI
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
