@@ -96,20 +96,22 @@ def full_state_dict(module: torch.nn.Module, zero_stage: int, rank: int) -> dict
                 for k, v in module.state_dict().items()}
 
 
-class EMA:
-    """Exponential moving average of the weights, kept in fp32 on rank 0 only.
+def ema_decay_at(decay: float, step: int) -> float:
+    """min(decay, (1 + step) / (10 + step)): the average follows a young model closely (a
+    fixed 0.999 lags thousands of steps behind early on) and settles at ``decay`` later."""
+    return min(decay, (1 + step) / (10 + step))
 
-    decay(step) = min(decay, (1 + step) / (10 + step)): early on the average follows the raw
-    weights closely (a fixed 0.999 lags thousands of steps behind a young model), later it
-    settles at ``decay``.
-    """
+
+class EMA:
+    """Exponential moving average of the weights (decay schedule: ema_decay_at), kept in fp32
+    on rank 0 only."""
 
     def __init__(self, module: torch.nn.Module, decay: float, zero_stage: int, rank: int):
         self.decay, self.zero_stage, self.rank = decay, zero_stage, rank
         self.shadow = full_state_dict(module, zero_stage, rank)
 
     def decay_at(self, step: int) -> float:
-        return min(self.decay, (1 + step) / (10 + step))
+        return ema_decay_at(self.decay, step)
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int) -> None:

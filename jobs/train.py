@@ -148,14 +148,15 @@ def _worker(args: dict) -> None:
 
     # 4. loop: grad_accum micro-batches per optimizer step; DeepSpeed steps at the boundary.
     while step < tc.max_steps:
-        t0, wait0 = time.perf_counter(), stream.wait_s
+        t0, cpu0, wait0 = time.perf_counter(), time.process_time(), stream.wait_s
         for _ in range(tc.grad_accum):
             loss, parts = task.loss(engine, stream.next(), step)
             engine.backward(loss)
             engine.step()
         step += 1
         ema.update(engine.module, step)
-        meter.add(loss.item(), parts, time.perf_counter() - t0, stream.wait_s - wait0)
+        meter.add(loss.item(), parts, time.perf_counter() - t0, time.process_time() - cpu0,
+                  stream.wait_s - wait0)
         if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.max_steps:
             metrics = meter.pop(step, stream, engine, ema, tc, world)
             _report(engine, ema, task, metrics, tc, rank, world, stream.epoch)
@@ -244,23 +245,28 @@ class _Meter:
         self._reset()
 
     def _reset(self):
-        self.n, self.loss, self.step_s, self.wait_s, self.parts = 0, 0.0, 0.0, 0.0, {}
+        self.n, self.loss, self.step_s, self.cpu_s, self.wait_s, self.parts = 0, 0.0, 0.0, 0.0, 0.0, {}
 
-    def add(self, loss: float, parts: dict, step_s: float, wait_s: float) -> None:
+    def add(self, loss: float, parts: dict, step_s: float, cpu_s: float, wait_s: float) -> None:
         self.n += 1
-        self.loss, self.step_s, self.wait_s = self.loss + loss, self.step_s + step_s, self.wait_s + wait_s
+        self.loss += loss
+        self.step_s, self.cpu_s, self.wait_s = self.step_s + step_s, self.cpu_s + cpu_s, self.wait_s + wait_s
         for k, v in parts.items():
             self.parts[k] = self.parts.get(k, 0.0) + float(v)
 
     def pop(self, step: int, stream: WorkerStream, engine, ema: EMA, tc: TrainConfig,
             world: int) -> dict:
         keys = sorted(self.parts)
-        local = [self.loss, self.step_s, self.wait_s, *(self.parts[k] for k in keys)]
-        loss, step_s, wait_s, *parts = (v / self.n for v in _mean_over_workers(local))
+        local = [self.loss, self.step_s, self.cpu_s, self.wait_s, *(self.parts[k] for k in keys)]
+        loss, step_s, cpu_s, wait_s, *parts = (v / self.n for v in _mean_over_workers(local))
+        clips = tc.batch_size * tc.grad_accum  # per worker per step
         row = {"step": step, "epoch": stream.epoch, "loss": loss,
                "lr": float(engine.get_lr()[0]), "ema_decay": ema.decay_at(step),
-               "clips_per_s": tc.batch_size * tc.grad_accum * world / step_s,
-               "step_s": step_s, "data_wait_fraction": wait_s / step_s,
+               "clips_per_s": clips * world / step_s, "step_s": step_s,
+               # CPU seconds of a worker process per clip: on a shared machine the fair
+               # per-core figure (wall time also counts other programs' load).
+               "clips_per_cpu_s": clips / max(cpu_s, 1e-9),
+               "data_wait_fraction": wait_s / step_s,
                "bad_clips": stream.bad, "time": time.time(), **dict(zip(keys, parts, strict=True))}
         if self.resumed:
             row["resumed_digest"], self.resumed = self.resumed, None

@@ -6,6 +6,7 @@ exercise sharding: 2 workers, batch 2, a handful of steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -43,7 +44,7 @@ def _rows(storage: Storage, run_uri: str) -> list[dict]:
 def test_vae_zero2_from_s3_resumes_by_name_and_exports(ray_cluster, s3_server, s3_bucket, tmp_path):
     storage = Storage(StorageConfig(root=s3_bucket, endpoint_url=s3_server))
     write_shards(storage, "ds", 8, BASE)
-    args = ("train.component=vae", "train.zero_stage=2")
+    args = ("train.component=vae", "train.zero_stage=2", "train.grad_accum=2")
     first = train(_cfg(s3_bucket, "vae-z2", *args, "train.max_steps=2", endpoint=s3_server))
     assert first.metrics["step"] == 2
     saved = first.metrics["weights_digest"]
@@ -69,6 +70,18 @@ def test_vae_zero2_from_s3_resumes_by_name_and_exports(ray_cluster, s3_server, s
     ema = load_component(out)
     assert type(ema).__name__ == "VideoVAE"
     assert train_io.weights_digest(ema.state_dict()) != second.metrics["weights_digest"]
+
+    # Warm start from the export: raw weights into the plain model, EMA carried over.
+    from cineray.jobs.train import _warm_start
+    from cineray.models.video_vae import VideoVAE
+
+    model = VideoVAE(cfg.vae)
+    warm = dataclasses.replace(cfg.train, init_from=out)
+    ema_sd = _warm_start(model, Storage(cfg.storage), warm)
+    assert train_io.weights_digest(model.state_dict()) == second.metrics["weights_digest"]
+    assert train_io.weights_digest(ema_sd) == train_io.weights_digest(ema.state_dict())
+    with pytest.raises(ValueError, match="holds a 'vae', not a 'denoiser'"):
+        _warm_start(model, storage, dataclasses.replace(warm, component="denoiser"))
 
 
 def _kill_a_worker_after_first_checkpoint(storage, run_uri, killed: list, timeout=300):
@@ -118,6 +131,20 @@ def test_denoiser_zero3_bf16_survives_a_killed_worker(ray_cluster, tmp_path):
     before = rows[resumed[0] - 1]  # the checkpoint the restarted workers loaded
     assert before["step"] % 2 == 0 and "weights_digest" in before
     assert rows[resumed[0]]["resumed_digest"] == before["weights_digest"]
+
+
+def test_lr_warms_up_then_follows_a_cosine_and_ema_decay_warms_up():
+    from cineray.cluster.deepspeed_setup import ema_decay_at, lr_lambda
+    from cineray.jobs.train_config import TrainConfig
+
+    tc = TrainConfig(warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    f = lr_lambda(tc)
+    assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
+    assert lr_lambda(dataclasses.replace(tc, cosine=False))(100) == 1.0
+    assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
+    assert ema_decay_at(0.999, 90) == pytest.approx(0.91)
+    assert ema_decay_at(0.999, 100_000) == 0.999
 
 
 def test_newest_checkpoint_skips_incomplete_ones(local_storage):
