@@ -185,14 +185,16 @@ def build_dataset(storage: Storage, data_uri: str, ren: Renditions, cfg: DataCon
 
 
 def _drop_bad_cached(ds, total: int, max_fraction: float):
-    bad = ds.select_columns(["error"]).filter(lambda r: bool(r["error"])).take_all()
+    from ray.data.expressions import col
+
+    bad = ds.select_columns(["error"]).filter(expr=col("error") != "").take_all()
     for r in bad:
         log.warning("skipping bad shard %s", r["error"])
     if not bad:
         return ds
     check_bad_budget(len(bad), total, max_fraction, bad[0]["error"])
     log.warning("skipped %d of %d clips that failed to decode", len(bad), total)
-    return ds.filter(lambda r: not r["error"]).materialize()
+    return ds.filter(expr=col("error") == "").materialize()
 
 
 # 4. worker-side batches --------------------------------------------------------------------------

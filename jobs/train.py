@@ -194,7 +194,8 @@ def _resume(engine, ema: EMA, storage, run_uri: str, rank, world, tc) -> dict:
             train_io.download(storage, src, d)
         else:
             src.to_directory(d)
-        state = json.load(open(os.path.join(d, "train_state.json")))
+        with open(os.path.join(d, "train_state.json")) as f:
+            state = json.load(f)
         if (state["world_size"], state["zero_stage"]) != (world, tc.zero_stage):
             raise ValueError(
                 f"checkpoint {src} was written by {state['world_size']} workers at ZeRO stage "
