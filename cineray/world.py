@@ -287,7 +287,8 @@ def _backdrop(rng: np.random.Generator, cfg: WorldConfig, focal: float, zoom0: f
     ga = tone(0.2, 0.3)
     gb = np.clip(ga + cfg.texture_strength * 0.7, 0.0, 0.45)
     units = 1.5 * 35.0 / focal * zoom0  # 1.5 texture units across the frame at 35 mm, at t=0
-    return Backdrop(kind, [a.tolist(), b.tolist()], waves(5, 1.2, 2.6),
+    # two octaves, so a long lens (magnified background) still shows detail to track
+    return Backdrop(kind, [a.tolist(), b.tolist()], waves(3, 1.2, 2.6) + waves(2, 2.8, 4.5),
                     [ga.tolist(), gb.tolist()], waves(3, 4.0, 7.0), units)  # fmt: skip
 
 
@@ -336,7 +337,7 @@ def _add_second(rng: np.random.Generator, scene: Scene, t: np.ndarray) -> bool:
     main = scene.things[0]
     other = Thing(str(rng.choice([s for s in SHAPES if s != main.shape])),
                   str(rng.choice([c for c in COLOURS if c != main.colour])),
-                  main.size * float(rng.uniform(0.55, 0.7)), "static", 0.0, 0.0)  # fmt: skip
+                  main.size * float(rng.uniform(0.5, 0.65)), "static", 0.0, 0.0)  # fmt: skip
     rest = FLOOR - BOX[other.shape][2] * other.size / 2
     mu, mv, mz = screen_xy(scene, main, t)
     gap = (EXTENT[main.shape] * main.size + EXTENT[other.shape] * other.size) / 2 * mz + 0.03
@@ -363,10 +364,10 @@ def _pattern(kind: str, waves: list[list[float]], tx: np.ndarray, ty: np.ndarray
     for f, ang, ph, amp in waves:
         noise += amp * np.sin(2 * np.pi * f * (np.cos(ang) * tx + np.sin(ang) * ty) + ph)
     noise /= np.sqrt(sum(w[3] ** 2 for w in waves)) * 1.6
-    if kind == "stripes":  # diagonal bands, plus noise so motion along the bands still shows
+    if kind == "stripes":  # diagonal bands, plus enough noise that motion along them shows
         f, ang = waves[0][0] * 1.5, np.pi / 4 + (waves[0][1] % (np.pi / 2))
         band = np.sin(2 * np.pi * f * (np.cos(ang) * tx + np.sin(ang) * ty))
-        noise = 0.7 * np.tanh(3 * band) + 0.4 * noise
+        noise = 0.45 * np.tanh(3 * band) + 0.65 * noise
     elif kind == "tiles":
         f = waves[0][0] * 1.2
         checker = np.sin(2 * np.pi * f * tx) * np.sin(2 * np.pi * f * ty)
