@@ -114,7 +114,7 @@ def generate(components: Components, request: GenerationRequest,
             first = image_latent(components, request.image)
     steps = _Steps(progress, len(plan.all_windows()))
     base = base_frames(components, request, text, plan, first, timer, steps)
-    return finish(components, request, base, timer, plan)
+    return finish(components, request, base, request.frames, timer, plan)
 
 
 def image_to_video(components: Components, request: GenerationRequest, image: np.ndarray,
@@ -141,7 +141,7 @@ def extend(components: Components, request: GenerationRequest, clip: np.ndarray,
     new = components.windows.frames - context  # new frames per step
     steps = _Steps(progress, -(-request.frames // new))
     base = extension_frames(components, request, text, clip, context, timer, steps)
-    return finish(components, request, base, timer, None)
+    return finish(components, request, base, len(clip) + request.frames, timer, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,23 +236,45 @@ def _upscale_span(components, kind, buf, buf_start, a, b, halo) -> torch.Tensor:
 
 
 def finish(components: Components, request: GenerationRequest, base: Iterator[torch.Tensor],
-           timer: Timer, plan: WindowPlan | None) -> GenerationResult:
-    """Upscale the base stream as the request asks and collect uint8 frames and the preview."""
-    preview: list[np.ndarray] = []
-
-    def keep_preview(stream):
-        for chunk in stream:
-            preview.append(to_uint8(chunk))
-            yield chunk
-
-    stream, fps = keep_preview(base), request.fps
+           frames: int, timer: Timer, plan: WindowPlan | None) -> GenerationResult:
+    """Upscale the stream of `frames` base frames as the request asks; collect the uint8 output
+    and the base-resolution preview into arrays allocated once (no list + concatenate copy)."""
+    preview = _Collector(frames, request.height, request.width)
+    stream, fps = preview.tee(base), request.fps
+    size, length = (request.height, request.width), frames
     if request.upscale in ("spatial", "full"):
         stream = upscale_stream(components, "spatial", stream, timer)
+        size = (2 * request.height, 2 * request.width)
     if request.upscale == "full":
         stream, fps = upscale_stream(components, "temporal", stream, timer), fps * 2
-    frames = np.concatenate([to_uint8(chunk) for chunk in stream])
-    return GenerationResult(frames=frames, fps=fps, preview=np.concatenate(preview),
+        length = 2 * frames - 1
+    out = _Collector(length, *size)
+    for chunk in stream:
+        out.add(chunk)
+    return GenerationResult(frames=out.done(), fps=fps, preview=preview.done(),
                             timings=dict(timer.seconds), plan=plan, seed=request.seed)
+
+
+class _Collector:
+    """Fills a preallocated uint8 (T, H, W, 3) array from chunks (1, 3, n, H, W)."""
+
+    def __init__(self, frames: int, height: int, width: int):
+        self.array, self.n = np.empty((frames, height, width, 3), np.uint8), 0
+
+    def add(self, chunk: torch.Tensor) -> None:
+        k = chunk.shape[2]
+        self.array[self.n : self.n + k] = to_uint8(chunk)
+        self.n += k
+
+    def tee(self, stream: Iterator[torch.Tensor]) -> Iterator[torch.Tensor]:
+        for chunk in stream:
+            self.add(chunk)
+            yield chunk
+
+    def done(self) -> np.ndarray:
+        if self.n != len(self.array):
+            raise RuntimeError(f"expected {len(self.array)} frames, the stream gave {self.n}")
+        return self.array
 
 
 # ---------------------------------------------------------------------------------------------

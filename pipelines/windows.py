@@ -33,6 +33,10 @@ import torch
 class WindowConfig:
     frames: int = 17  # pixel frames per window, 1 + 4k (the denoiser's training length)
     overlap: int = 1  # pixel frames shared by neighbouring windows, blended
+    # Pixel frames between keyframes; None = the densest whose keyframe pass fits one window.
+    # A sparser stride (e.g. 16 for 17-frame windows: keyframes on window starts and ends only)
+    # makes the keyframe pass shorter and cheaper, and guides each window less.
+    keyframe_stride: int | None = None
 
 
 @dataclass(frozen=True)
@@ -112,7 +116,7 @@ def plan_windows(frames: int, fps: float, config: WindowConfig | None = None,
     starts = [i * step for i in range(n)]
     lengths = [cfg.frames] * (n - 1) + [_round_up_length(frames - starts[-1])]
     planned = starts[-1] + lengths[-1]
-    stride = _keyframe_stride(planned, step, cfg.frames)
+    stride = cfg.keyframe_stride or _keyframe_stride(planned, step, cfg.frames)
     count = (planned - 1) // stride + 1
     windows = tuple(
         Window(i, s, length, fps, s // stride, _group_end_keys(s, length, stride, count), level)
@@ -131,6 +135,11 @@ def _check(frames: int, fps: float, cfg: WindowConfig) -> None:
     if not 1 <= cfg.overlap <= (cfg.frames - 1) // 2:
         raise ValueError(f"window overlap must be in [1, {(cfg.frames - 1) // 2}] for "
                          f"{cfg.frames}-frame windows (at most half a window), got {cfg.overlap}")
+    step = cfg.frames - cfg.overlap
+    if cfg.keyframe_stride is not None and (step % cfg.keyframe_stride or (
+            cfg.keyframe_stride % 4 and cfg.keyframe_stride != step)):
+        raise ValueError(f"keyframe_stride must be a multiple of 4 that divides the window step "
+                         f"{step} (or the step itself), got {cfg.keyframe_stride}")
 
 
 def _keyframe_stride(planned: int, step: int, window: int) -> int:

@@ -37,10 +37,11 @@ def _decoded(result):
     return frames, fps
 
 
-def test_text_to_video_mp4(components):
-    result = generate(components, replace(REQ, frames=17))
+@pytest.mark.parametrize("n", [17, 1, 18])  # one window; a still; 2 windows, the last trimmed
+def test_text_to_video_mp4(components, n):
+    result = generate(components, replace(REQ, frames=n))
     frames, fps = _decoded(result)
-    assert frames.shape == (17, 32, 32, 3) and fps == 8.0
+    assert frames.shape == (n, 32, 32, 3) and fps == 8.0
     assert result.frames.std() > 1  # random weights render noise, not a blank clip
     assert {"encode_text", "denoise", "decode"} <= set(result.timings)
 

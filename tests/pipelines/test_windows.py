@@ -113,6 +113,7 @@ def test_blender_rejects_out_of_order_windows():
     ({"config": WindowConfig(16, 1)}, "window frames must be 1 \\+ 4k"),
     ({"config": WindowConfig(17, 9)}, "window overlap must be in \\[1, 8\\]"),
     ({"config": WindowConfig(17, 0)}, "window overlap"),
+    ({"config": WindowConfig(17, 1, keyframe_stride=6)}, "keyframe_stride must be a multiple"),
 ])
 def test_bad_plans_name_the_field(kwargs, match):
     args = {"frames": 65, "fps": 8.0, **kwargs}
@@ -126,3 +127,9 @@ def test_plans_are_deterministic_and_small():
     n = len(a.all_windows())
     assert n == 17 and len(a.windows) == 16  # 16 windows + one 17-frame keyframe pass
     assert a.keyframes.stride == 16 and a.keyframes.plan.fps == 0.5
+
+
+def test_a_sparser_keyframe_stride_shortens_the_keyframe_pass():
+    plan = plan_windows(65, 8.0, WindowConfig(keyframe_stride=16))
+    assert plan.keyframes.count == 5 and plan.keyframes.plan.windows[0].length == 5
+    assert [(w.exact, w.keys) for w in plan.windows] == [(i, ((4, i + 1),)) for i in range(4)]
