@@ -4,15 +4,15 @@ Clips are numpy uint8 arrays (T, H, W, 3) RGB. yuv420p halves the chroma resolut
 the colour of 10-pixel objects into their background. Measured on 60 world clips at 32x32x17:
 
     pix_fmt   crf   PSNR dB   object-pixel PSNR dB   object colour error (RGB L2)   kB/clip
-    yuv420p   10    30.8      22.8                   23.8                           4.9
-    yuv420p   12    30.7      22.8                   24.1                           4.3
-    yuv420p   18    30.3      22.4                   25.7                           3.3
-    yuv444p   10    44.6      39.7                    3.9                           4.7
-    yuv444p   12    43.2      38.0                    4.7                           4.2
-    yuv444p   18    39.1      33.1                    8.0                           3.2
+    yuv420p   10    30.5      22.6                   23.9                           5.0
+    yuv420p   12    30.4      22.6                   24.1                           4.6
+    yuv420p   18    30.0      22.3                   25.5                           3.4
+    yuv444p   10    44.9      40.8                    3.5                           5.2
+    yuv444p   12    43.6      39.0                    4.3                           4.6
+    yuv444p   18    39.2      33.9                    7.6                           3.4
 
-(luma alone survives yuv420p at 44 dB; at 64x64 yuv420p still gives 33.6 dB vs 45.9.) So the
-dataset stores yuv444p at crf 10 (DATASET_PIX_FMT, DATASET_CRF) for the same bytes as yuv420p,
+(luma alone survives yuv420p at 44 dB; at 64x64 yuv420p still gives 33.7 dB vs 47.9.) So the
+dataset stores yuv444p at crf 10 (DATASET_PIX_FMT, DATASET_CRF) for about the same bytes,
 while outputs for users stay yuv420p, which every player decodes.
 """
 
@@ -52,8 +52,10 @@ def write_mp4(
     """Encode frames uint8 (T, H, W, 3) RGB as an H.264 MP4 and return its bytes.
 
     crf: x264 constant rate factor (0 = lossless, 12 is visually lossless at 32x32).
-    The output is deterministic: x264 is single-threaded here, so the same frames give the same
-    bytes (the dataset job relies on it).
+    The output is deterministic (the dataset job relies on it): x264 runs single-threaded and
+    without macroblock-tree rate control, which at 32x32 gave different bytes for the same frames
+    from one call to the next in one process (1-3 variants in 12 encodes; 1 with mbtree=0, at
+    16 to 128 px, for ~5% more bytes at 48 px and above).
     """
     _check_clip(frames, pix_fmt)
     if not fps > 0:
@@ -66,7 +68,8 @@ def write_mp4(
         stream = container.add_stream("libx264", rate=rate)
         stream.width, stream.height = frames.shape[2], frames.shape[1]
         stream.pix_fmt = pix_fmt
-        stream.options = {"crf": str(crf), "preset": preset, "threads": "1"}
+        stream.options = {"crf": str(crf), "preset": preset, "threads": "1",
+                          "x264-params": "mbtree=0"}  # fmt: skip
         stream.codec_context.thread_count = 1
         for image in frames:
             frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(image), format="rgb24")
