@@ -129,6 +129,36 @@ def config_show(config: ConfigOption = "tiny", overrides: SetOption = None) -> N
 
 
 @app.command()
+def dataset(
+    out: Annotated[
+        str,
+        typer.Option(
+            help="Dataset root: s3://bucket/prefix, or a path (relative: under storage.root)."
+        ),
+    ] = "dataset",
+    clips: Annotated[int, typer.Option(help="Number of scenes (each in every rendition).")] = 64,
+    seed: Annotated[int, typer.Option(help="Same seed, same clips (byte for byte).")] = 0,
+    renditions: Annotated[
+        str, typer.Option(help="Sizes and rates, WxH@FPS,... (FPS relative to world.fps).")
+    ] = "32x32@8,64x64@8,32x32@16",
+    shard_size: Annotated[int, typer.Option(help="Clips per clips/<shard>/ folder.")] = 256,
+    heldout_fraction: Annotated[
+        float, typer.Option(help="Fraction of clips showing held-out combinations.")
+    ] = 0.0,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+) -> None:
+    """Render synthetic-world clips into dataset shards (MP4 + index.parquet) with Ray Data."""
+    cfg = resolve_config(config, overrides)
+    from cineray.jobs.make_dataset import dataset as make  # heavy imports inside the command
+
+    start_ray()
+    typer.echo(
+        make(out, clips, seed, renditions, shard_size, heldout_fraction, cfg.world, cfg.storage)
+    )
+
+
+@app.command()
 def render(
     prompt: Annotated[str, typer.Argument(help="What to render, e.g. 'a red ball falling'.")],
     frames: Annotated[int, typer.Option(help="Frames at the base frame rate (>= 1).")] = 17,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
 
+import pyarrow.parquet as pq
 import pytest
 import typer
 from typer.testing import CliRunner
@@ -74,3 +76,40 @@ def test_installed_entry_point_reports_errors_without_traceback():
     assert "vae.channels[1]" in proc.stderr and "Traceback" not in proc.stderr
     version = subprocess.run([exe, "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.startswith("cineray ")
+
+
+@pytest.mark.ray
+def test_dataset_command_writes_local_shards(ray_cluster, tmp_path):
+    root = tmp_path / "data"
+    args = ["dataset", "--clips", "2", "--renditions", "32x32@8,16x16@8"]
+    sets = ["--set", f"storage.root={root}", "--set", "world.frames=9"]
+    result = runner.invoke(app, [*args, *sets])
+    assert result.exit_code == 0, result.output
+    index = result.stdout.strip().splitlines()[-1]
+    assert index == str(root / "dataset" / "index.parquet")  # relative --out: under storage.root
+    table = pq.read_table(index)
+    assert table.num_rows == 4 and set(table["frames"].to_pylist()) == {9}
+    assert sorted(set(table["width"].to_pylist())) == [16, 32]
+    assert all(os.path.isfile(uri) for uri in table["uri"].to_pylist())
+
+
+@pytest.mark.ray
+def test_dataset_command_writes_to_s3(ray_cluster, s3_storage):
+    out = s3_storage.join("worlds", "w1")
+    result = runner.invoke(
+        app, ["dataset", "--out", out, "--clips", "1", "--renditions", "32x32@8"]
+    )
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().splitlines()[-1] == f"{out}/index.parquet"
+    table = pq.read_table(io.BytesIO(s3_storage.read_bytes(f"{out}/index.parquet")))
+    assert table.num_rows == 1 and s3_storage.exists(table["uri"][0].as_py())
+
+
+@pytest.mark.ray
+def test_dataset_command_bad_rendition_is_one_line(ray_cluster, tmp_path):
+    sets = ["--set", f"storage.root={tmp_path}"]
+    result = runner.invoke(app, ["dataset", "--clips", "1", "--renditions", "32by32", *sets])
+    assert result.exit_code == 2
+    assert (
+        result.stderr.startswith("error: rendition '32by32'") and "Traceback" not in result.output
+    )
