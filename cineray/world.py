@@ -1,9 +1,10 @@
 """The synthetic physics world: scenes with exact labels, continuous-time physics, rendering.
 
 Coordinates. Screen positions are in frame heights: u in [0, aspect] (rightwards), v in [0, 1]
-(downwards). Objects live on a subject plane whose coordinates equal the screen's at t=0, so speeds
-are in frame heights per second and gravity in frame heights per second^2. The background is a far
-textured plane. The camera maps each plane to the screen with a pan offset and a zoom factor:
+(downwards). Objects live on a subject plane whose coordinates equal the screen's in the camera's
+reference view (mid-clip), so speeds are in frame heights per second and gravity in frame heights
+per second^2. The background is a far textured plane. The camera maps each plane to the screen
+with a pan offset and a zoom factor, both centred on mid-clip:
     screen = centre + (plane - centre - pan(t)) * zoom(t)
 Pan/tilt shift both planes equally (a turning camera); zoom scales both; a dolly zoom scales only
 the background, so the subject keeps its size. Positions are functions of seconds and frame i is
@@ -102,6 +103,18 @@ class WorldConfig:
                                  f"{COLOURS}, {SHAPES}, {MOTIONS}")  # fmt: skip
         if len(self.fps_choices) != len(self.fps_weights) or not self.fps_choices:
             raise ValueError("fps_choices and fps_weights must be non-empty and the same length")
+        if min(self.fps_choices) <= 0 or min(self.fps_weights) < 0 or sum(self.fps_weights) <= 0:
+            raise ValueError(f"fps_choices must be > 0 and fps_weights >= 0 with a positive sum, "
+                             f"got {self.fps_choices} / {self.fps_weights}")  # fmt: skip
+        for name in ("object_size", "object_speed", "focal_length_mm", "camera_speed"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi:
+                raise ValueError(f"{name}=({lo}, {hi}) must be (low, high) with 0 < low <= high")
+        for name in ("p_second_object", "p_camera_motion"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}={getattr(self, name)} must be a probability in [0, 1]")
+        if self.width < 8 or self.height < 8:
+            raise ValueError(f"width x height = {self.width}x{self.height} must be at least 8x8")
         if (self.frames - 1) % 4:
             raise ValueError(f"frames={self.frames} must be 1 + 4k (the causal VAE needs it)")
 
@@ -135,6 +148,9 @@ class Backdrop:
 
 @dataclass
 class Scene:
+    """One clip's world and its labels. things[0] is the main object (the one the labels and
+    the caption describe first); `trajectory` is its centre per frame at the scene's own fps."""
+
     seed: int
     shape: str
     colour: str
@@ -153,6 +169,10 @@ class Scene:
     @property
     def duration(self) -> float:
         return (self.frames - 1) / self.fps
+
+    @property
+    def trajectory(self) -> np.ndarray:
+        return trajectory(self, self.frames, self.fps)  # the module-level function
 
 
 # 1. physics ------------------------------------------------------------------------------------
@@ -358,16 +378,21 @@ def _add_second(rng: np.random.Generator, scene: Scene, t: np.ndarray) -> bool:
 # 3. rendering ----------------------------------------------------------------------------------
 
 
+def _wave(f: float, ang: float, ph: float, tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
+    """sin(2 pi f (cos(ang) tx + sin(ang) ty) + ph), split as sin(a + b) so that only the 1-D
+    coordinate arrays go through sin/cos (tx varies along columns, ty along rows): 4x faster."""
+    a = 2 * np.pi * f * np.cos(ang) * tx + ph
+    b = 2 * np.pi * f * np.sin(ang) * ty
+    return np.sin(a) * np.cos(b) + np.cos(a) * np.sin(b)
+
+
 def _pattern(kind: str, waves: list[list[float]], tx: np.ndarray, ty: np.ndarray) -> np.ndarray:
-    """Pattern value in [0, 1] at texture coordinates (tx, ty)."""
-    noise = np.zeros(np.broadcast_shapes(tx.shape, ty.shape))
-    for f, ang, ph, amp in waves:
-        noise += amp * np.sin(2 * np.pi * f * (np.cos(ang) * tx + np.sin(ang) * ty) + ph)
+    """Pattern value in [0, 1] at texture coordinates tx (T, 1, W) and ty (T, H, 1)."""
+    noise = sum(amp * _wave(f, ang, ph, tx, ty) for f, ang, ph, amp in waves)
     noise /= np.sqrt(sum(w[3] ** 2 for w in waves)) * 1.6
     if kind == "stripes":  # diagonal bands, plus enough noise that motion along them shows
         f, ang = waves[0][0] * 1.5, np.pi / 4 + (waves[0][1] % (np.pi / 2))
-        band = np.sin(2 * np.pi * f * (np.cos(ang) * tx + np.sin(ang) * ty))
-        noise = 0.45 * np.tanh(3 * band) + 0.65 * noise
+        noise = 0.45 * np.tanh(3 * _wave(f, ang, 0.0, tx, ty)) + 0.65 * noise
     elif kind == "tiles":
         f = waves[0][0] * 1.2
         checker = np.sin(2 * np.pi * f * tx) * np.sin(2 * np.pi * f * ty)
@@ -386,18 +411,15 @@ def _background(scene: Scene, width: int, height: int, t: np.ndarray, ss: int = 
     px, py = cam["pan_x"][:, None, None], cam["pan_y"][:, None, None]
     tx, ty = bd.units * ((u - cu) / zb + px), bd.units * ((v - cv) / zb + py)
     p = _pattern(bd.kind, bd.waves, tx, ty)
-    img = _mix(bd.colours, p)
     gx, gy = (u - cu) / zs + cu + px, (v - cv) / zs + cv + py  # subject-plane coordinates
+    ground = gy >= FLOOR  # (T, H, 1): the ground band is whole rows
     g = _pattern("noise", bd.ground_waves, gx * 0.5, gy * 2.0)  # stretched along the floor
-    ground = np.broadcast_to(gy >= FLOOR, p.shape)[..., None]
-    img = np.where(ground, _mix(bd.ground, g), img)
+    p = np.where(ground, g, p)
+    lo = np.where(ground[..., None], np.asarray(bd.ground[0]), np.asarray(bd.colours[0]))
+    hi = np.where(ground[..., None], np.asarray(bd.ground[1]), np.asarray(bd.colours[1]))
+    img = lo + (hi - lo) * p[..., None]
     t_, h_, w_ = img.shape[:3]
     return img.reshape(t_, h_ // ss, ss, w_ // ss, ss, 3).mean(axis=(2, 4))
-
-
-def _mix(colours: list[list[float]], p: np.ndarray) -> np.ndarray:
-    a, b = np.asarray(colours[0]), np.asarray(colours[1])
-    return a + (b - a) * p[..., None]
 
 
 def _draw(img: np.ndarray, scene: Scene, thing: Thing, t: np.ndarray, ss: int = 4) -> None:

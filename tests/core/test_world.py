@@ -90,6 +90,10 @@ def test_config_errors_name_the_field():
         WorldConfig(fps_choices=[4.0, 8.0], fps_weights=[1.0])
     with pytest.raises(ValueError, match="aspect"):
         render(sample_scene(CFG, 0), 64, 32, 17, 8.0)
+    with pytest.raises(ValueError, match=r"object_size=\(0.3, 0.2\)"):
+        WorldConfig(object_size=(0.3, 0.2))
+    with pytest.raises(ValueError, match="p_camera_motion=1.5"):
+        WorldConfig(p_camera_motion=1.5)
 
 
 def test_fps_is_a_weighted_per_clip_choice():
@@ -103,7 +107,7 @@ def test_fps_is_a_weighted_per_clip_choice():
 def test_objects_stay_in_view():
     for seed in range(300):
         scene = sample_scene(CFG, seed, heldout=None)
-        track = trajectory(scene, scene.frames, scene.fps)
+        track = scene.trajectory
         assert track.shape == (17, 2) and track.dtype == np.float32
         assert np.all((track > 0.1) & (track < 0.9)), (seed, scene.motion, scene.camera)
 
