@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,14 +28,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 WARMUP = 10
-
-
-def make_shards(root: str, clips: int) -> None:
-    sys.path.insert(0, str(ROOT))
-    from cineray.storage import Storage, StorageConfig
-    from tests.jobs.shards import write_shards
-
-    write_shards(Storage(StorageConfig(root=root)), "ds", clips)
 
 
 def config(root: str, steps: int, batch: int):
@@ -89,15 +80,18 @@ def plain_loop(cfg, steps: int) -> dict:
     return {"clips_per_s": clips / wall, "clips_per_cpu_s": clips / cpu, "steps": steps - WARMUP}
 
 
-def deepspeed_run(cfg) -> dict:
-    """The training job on a local 2-CPU Ray; figures from its metrics.jsonl."""
+def deepspeed_run(cfg, clips: int) -> dict:
+    """Render ``clips`` base clips (jobs.make_dataset), then run the training job on a local
+    2-CPU Ray; figures from its metrics.jsonl."""
     import ray
 
+    from cineray.jobs.make_dataset import make_dataset
     from cineray.jobs.train import train
     from cineray.storage import Storage
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
+        make_dataset("ds", clips, storage=Storage(cfg.storage), renditions="32x32@8")
         t0 = time.perf_counter()
         train(cfg)
         total = time.perf_counter() - t0
@@ -149,11 +143,10 @@ def main() -> None:
     from cineray.pipelines.weights import save_component
 
     with tempfile.TemporaryDirectory() as root:
-        make_shards(root, a.clips)
         cfg = config(root, a.steps, a.batch)
         save_component("vae", VideoVAE(cfg.vae), os.path.join(root, "vae"))  # frozen, random
+        ds = deepspeed_run(cfg, a.clips)  # renders the dataset on the same Ray first
         plain = plain_loop(cfg, a.steps)
-        ds = deepspeed_run(cfg)
     result = {
         "machine": f"{os.cpu_count()} CPUs (shared), torch threads 1 per process",
         "model": "tiny denoiser (configs/tiny.yaml)", "batch_per_worker": a.batch,

@@ -159,9 +159,7 @@ def _worker(args: dict) -> None:
                   stream.wait_s - wait0)
         if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.max_steps:
             metrics = meter.pop(step, stream, engine, ema, tc, world)
-            _report(engine, ema, task, metrics, tc, rank, world, stream.epoch)
-            if log is not None:
-                log.append(metrics)
+            _report(engine, ema, task, metrics, tc, rank, world, stream.epoch, log)
 
 
 def _warm_start(model: torch.nn.Module, storage: Storage, tc: TrainConfig) -> dict | None:
@@ -211,13 +209,19 @@ def _resume(engine, ema: EMA, storage, run_uri: str, rank, world, tc) -> dict:
     return state
 
 
-def _report(engine, ema: EMA, task, metrics: dict, tc: TrainConfig, rank, world, epoch) -> None:
-    """ray.train.report, with a checkpoint every ``checkpoint_every`` steps (all ranks call)."""
+def _report(engine, ema: EMA, task, metrics: dict, tc: TrainConfig, rank, world, epoch,
+            log: train_io.MetricsLog | None) -> None:
+    """ray.train.report, with a checkpoint every ``checkpoint_every`` steps (all ranks call).
+
+    Rank 0 logs the row before reporting: a run killed after its checkpoint upload then still
+    has the row (rows past the checkpoint a restart resumes from are dropped again)."""
     import ray.train
     from ray.train import Checkpoint
 
     step = metrics["step"]
     if step % tc.checkpoint_every and step != tc.max_steps:
+        if log is not None:
+            log.append(metrics)
         ray.train.report(metrics)
         return
     with tempfile.TemporaryDirectory() as d:
@@ -233,6 +237,8 @@ def _report(engine, ema: EMA, task, metrics: dict, tc: TrainConfig, rank, world,
             with open(os.path.join(d, "train_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
         open(os.path.join(d, f"rank_{rank}.done"), "w").close()  # last: marks this rank done
+        if log is not None:
+            log.append(metrics)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
                          checkpoint_dir_name=train_io.checkpoint_name(step))
 

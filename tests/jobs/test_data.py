@@ -17,8 +17,8 @@ from cineray.jobs.data import (
     read_index,
     select_rows,
 )
+from cineray.jobs.make_dataset import make_dataset
 from cineray.jobs.train_config import DataConfig
-from tests.jobs.shards import ALL, BASE, write_index, write_shards
 
 pytestmark = pytest.mark.ray
 
@@ -28,15 +28,19 @@ TEMPORAL = Renditions(32, 32, 9, 8.0, hr_width=32, hr_height=32, hr_frames=17, h
 
 
 @pytest.fixture(scope="module")
-def shard_storage(tmp_path_factory):
+def shard_storage(ray_cluster, tmp_path_factory):
+    """Seven clips in three renditions (32x32 @ 8 and 16 fps, 64x64 @ 8); two held out."""
     from cineray.storage import Storage, StorageConfig
 
     storage = Storage(StorageConfig(root=str(tmp_path_factory.mktemp("shards"))))
-    rows = write_shards(storage, "all", 6, ALL)
-    rows[-1]["heldout"] = True  # one held-out clip (all its renditions) must never be trained on
-    rows[-2]["heldout"] = rows[-3]["heldout"] = True
-    write_index(storage, "all", rows)
+    make_dataset("all", 7, seed=7, storage=storage, heldout_fraction=0.3,
+                 renditions="32x32@8,64x64@8,32x32@16")
     return storage
+
+
+def _clips(storage, heldout: bool) -> set[str]:
+    return {r["clip_id"] for r in read_index(storage, "all").to_pylist()
+            if r["heldout"] == heldout}
 
 
 def _stream(ds, total, ren, batch_size, max_bad=0.5):
@@ -47,8 +51,10 @@ def _stream(ds, total, ren, batch_size, max_bad=0.5):
 
 def test_rendition_selection_excludes_heldout_and_names_missing_renditions(shard_storage):
     index = read_index(shard_storage, "all")
+    train, heldout = _clips(shard_storage, False), _clips(shard_storage, True)
+    assert len(train) == 5 and len(heldout) == 2  # what seed 7 draws; the test needs both kinds
     rows = select_rows(index, VAE, DataConfig())
-    assert rows.num_rows == 5 and "c00005" not in rows["clip_id"].to_pylist()
+    assert set(rows["clip_id"].to_pylist()) == train and rows.num_rows == 5
     assert set(rows["width"].to_pylist()) == {32} and set(rows["fps"].to_pylist()) == {8.0}
     every_fps = select_rows(index, Renditions(32, 32, 17, None), DataConfig(include_heldout=True))
     assert sorted(set(every_fps["fps"].to_pylist())) == [8.0, 16.0]
@@ -91,12 +97,13 @@ def test_crops_and_captions_are_redrawn_every_epoch(ray_cluster, shard_storage):
 
 
 @pytest.fixture
-def damaged(tmp_path):
+def damaged(ray_cluster, tmp_path):
     """Ten base clips; one MP4 truncated to half its bytes, one deleted."""
     from cineray.storage import Storage, StorageConfig
 
     storage = Storage(StorageConfig(root=str(tmp_path)))
-    rows = write_shards(storage, "ds", 10, BASE)
+    make_dataset("ds", 10, storage=storage, renditions="32x32@8")
+    rows = read_index(storage, "ds").to_pylist()
     truncated, missing = rows[3]["uri"], rows[7]["uri"]
     data = open(truncated, "rb").read()
     open(truncated, "wb").write(data[: len(data) // 2])
@@ -112,7 +119,7 @@ def test_bad_shards_are_skipped_counted_and_named(ray_cluster, damaged, caplog, 
     with caplog.at_level(logging.WARNING, logger="cineray.jobs.data"):
         seen = [c for _ in range(2) for c in stream.next()["clip_id"]]
     assert stream.epoch == 0 and len(set(seen)) == 8  # the 8 good clips, nothing else
-    assert "c00003" not in seen and "c00007" not in seen
+    assert not {os.path.basename(truncated)[:8], os.path.basename(missing)[:8]} & set(seen)
     if not cache:  # counted by the consumer as it streams (cached: removed on the driver)
         assert stream.bad == 2
     logged = caplog.text

@@ -19,9 +19,9 @@ from safetensors.torch import load_file
 
 from cineray.config import load_config
 from cineray.jobs import train_io
+from cineray.jobs.make_dataset import make_dataset
 from cineray.jobs.train import export, train
 from cineray.storage import Storage, StorageConfig
-from tests.jobs.shards import BASE, write_shards
 
 
 def _cfg(root: str, run: str, *overrides: str, endpoint: str | None = None):
@@ -43,7 +43,7 @@ def _rows(storage: Storage, run_uri: str) -> list[dict]:
 @pytest.mark.ray
 def test_vae_zero2_from_s3_resumes_by_name_and_exports(ray_cluster, s3_server, s3_bucket, tmp_path):
     storage = Storage(StorageConfig(root=s3_bucket, endpoint_url=s3_server))
-    write_shards(storage, "ds", 8, BASE)
+    make_dataset("ds", 8, storage=storage, renditions="32x32@8")
     args = ("train.component=vae", "train.zero_stage=2", "train.grad_accum=2")
     first = train(_cfg(s3_bucket, "vae-z2", *args, "train.max_steps=2", endpoint=s3_server))
     assert first.metrics["step"] == 2
@@ -109,7 +109,7 @@ def test_denoiser_zero3_bf16_survives_a_killed_worker(ray_cluster, tmp_path):
 
     root = str(tmp_path / "data")
     storage = Storage(StorageConfig(root=root))
-    write_shards(storage, "ds", 8, BASE)
+    make_dataset("ds", 8, storage=storage, renditions="32x32@8")
     cfg = _cfg(root, "dit-z3", "train.component=denoiser", "train.zero_stage=3",
                "train.precision=bf16", "train.max_steps=6", "train.max_failures=1",
                f"task.vae_weights={tmp_path / 'vae'}", "task.text_stats_captions=32")
