@@ -90,7 +90,18 @@ class VAETask:
         rec = weighted_l1_l2(recon, x.float(), edge_weights(x.float(), self.task.edge_weight))
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
         loss = rec + self.task.kl_weight * kl
+        track_latent_stats(getattr(model, "module", model), mean.detach().float())
         return loss, {"rec": rec.item(), "kl": kl.item()}
+
+
+@torch.no_grad()
+def track_latent_stats(vae: VideoVAE, mean: torch.Tensor, momentum: float = 0.02) -> None:
+    """Running per-channel mean/std of posterior means (like BatchNorm's running stats), so an
+    exported VAE hands the denoiser unit-variance latents without a separate calibration pass.
+    The training forward itself uses raw latents; only encode()/decode() apply them."""
+    vae.latent_mean.lerp_(mean.mean(dim=(0, 2, 3, 4)).to(vae.latent_mean.dtype), momentum)
+    std = mean.std(dim=(0, 2, 3, 4)).clamp_min(1e-4)
+    vae.latent_std.lerp_(std.to(vae.latent_std.dtype), momentum)
 
 
 class UpscalerTask:
