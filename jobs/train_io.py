@@ -20,7 +20,6 @@ import json
 import os
 import posixpath
 import re
-import tempfile
 
 import torch
 
@@ -89,12 +88,10 @@ def export(storage: Storage, run_or_checkpoint: str, out: str) -> str:
         if src is None:
             raise FileNotFoundError(f"no complete checkpoint under {run_or_checkpoint}; "
                                     "train first (the run's storage_path/run_name)")
-    fs, path = storage.fs_for(storage.join(src, "export"))
-    for sub in ("", "raw"):
+    for sub in ("", "raw"):  # Storage.join skips the empty part
         for name in ("model.safetensors", "config.json"):
-            data = fs.cat_file(posixpath.join(path, sub, name) if sub else f"{path}/{name}")
-            storage.write_bytes(storage.join(out, sub, name) if sub else storage.join(out, name),
-                                data)
+            data = storage.read_bytes(storage.join(src, "export", sub, name))
+            storage.write_bytes(storage.join(out, sub, name), data)
     return storage.resolve(out)
 
 
@@ -154,7 +151,3 @@ def ray_storage(storage: Storage, storage_path: str) -> tuple[str, object | None
         return uri, None
     fs, path = storage.pyarrow_fs(uri)
     return path, fs
-
-
-def local_copy_dir() -> str:
-    return tempfile.mkdtemp(prefix="cineray-ckpt-")
