@@ -222,5 +222,27 @@ def train(
     typer.echo(f"step {result.metrics.get('step')}: {result.checkpoint.path if result.checkpoint else '-'}")
 
 
+@app.command()
+def evaluate(
+    out: Annotated[str, typer.Option(help="Report folder: a local path or s3://bucket/prefix.")],
+    checkpoint: Annotated[str | None, typer.Option(
+        help="Exported components folder (default: the shipped one).")] = None,
+    sources: Annotated[str, typer.Option(
+        help="Comma-separated: model, real, random, reconstruct, upscale_spatial.")] = "model,real,random",
+    per_case: Annotated[int, typer.Option(help="Clips per case of the suite.")] = 16,
+    seed: Annotated[int, typer.Option(help="Same seed, same suite.")] = 0,
+    steps: Annotated[int | None, typer.Option(help="Sampler steps (default: 20).")] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 1,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+) -> None:
+    """Judge a checkpoint on the world's prompt suite; write report.json/.md + contact sheet."""
+    from cineray.jobs.evaluate import evaluate as run  # heavy imports inside the command
+
+    log = lambda m: typer.echo(m, err=True)  # noqa: E731
+    typer.echo(run(checkpoint, out, sources, per_case, seed, steps, threads, config,
+                   overrides or (), log))
+
+
 if __name__ == "__main__":  # python -m cineray.cli
     sys.exit(app())
