@@ -89,7 +89,7 @@ def _check_cpus(tc: TrainConfig) -> None:
             "train.cpus_per_worker or set train.data.cache=true")
 
 
-def export(cfg, run: str, out: str) -> str:
+def export(cfg, run: str, out: str, dtype: str = "fp32") -> str:
     """Write the serving weights of ``run`` (a run name under train.storage_path, a run URI or a
     step_<N> checkpoint URI) to ``out``; returns the absolute ``out``."""
     storage = Storage(cfg.storage)
@@ -97,7 +97,7 @@ def export(cfg, run: str, out: str) -> str:
         run = storage.join(cfg.train.storage_path, run)
     if "://" not in out:
         out = os.path.abspath(out)
-    return train_io.export(storage, run, out)
+    return train_io.export(storage, run, out, dtype)
 
 
 # Worker ------------------------------------------------------------------------------------------
@@ -303,9 +303,11 @@ def main(argv: list[str]) -> int:
         p.add_argument("--run", required=True, help="run name, run URI or step_<N> URI")
         p.add_argument("--out", required=True, help="output folder (local or s3://)")
         p.add_argument("--config", default="tiny")
+        p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                       help="bf16 halves the files (shipped checkpoints)")
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
         a = p.parse_args(argv[1:])
-        print(export(load_config(a.config, a.overrides), a.run, a.out))
+        print(export(load_config(a.config, a.overrides), a.run, a.out, a.dtype))
         return 0
     p = argparse.ArgumentParser(prog="python -m cineray.jobs.train")
     p.add_argument("--config", default="tiny", help="preset name or .yaml path")

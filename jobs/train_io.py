@@ -76,12 +76,15 @@ def download(storage: Storage, uri: str, local_dir: str) -> str:
     return local_dir
 
 
-def export(storage: Storage, run_or_checkpoint: str, out: str) -> str:
+def export(storage: Storage, run_or_checkpoint: str, out: str, dtype: str = "fp32") -> str:
     """Copy the serving weights of a run's newest checkpoint (or of one checkpoint) to ``out``.
 
     ``out`` then holds ``model.safetensors`` (EMA) + ``config.json``, and ``raw/`` (raw
     weights, same format); ``pipelines.weights.load_component(out)`` loads it. Returns ``out``.
+    dtype "bf16" halves the size (for a checkpoint shipped in a repository); loading casts back.
     """
+    if dtype not in ("fp32", "bf16"):
+        raise ValueError(f"export dtype must be fp32 or bf16, got {dtype!r}")
     src = run_or_checkpoint
     if not _STEP_DIR.search(src.rstrip("/")):
         src = latest_checkpoint(storage, run_or_checkpoint)
@@ -91,8 +94,20 @@ def export(storage: Storage, run_or_checkpoint: str, out: str) -> str:
     for sub in ("", "raw"):  # Storage.join skips the empty part
         for name in ("model.safetensors", "config.json"):
             data = storage.read_bytes(storage.join(src, "export", sub, name))
+            if dtype == "bf16" and name == "model.safetensors":
+                data = _to_bf16(data)
             storage.write_bytes(storage.join(out, sub, name), data)
     return storage.resolve(out)
+
+
+def _to_bf16(data: bytes) -> bytes:
+    import torch
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import save as save_bytes
+
+    sd = load_bytes(data)
+    return save_bytes({k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                       for k, v in sd.items()})
 
 
 def load_init_weights(storage: Storage, folder: str, component: str) -> tuple[dict, dict | None]:

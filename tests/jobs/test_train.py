@@ -15,6 +15,7 @@ import time
 
 import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from cineray.config import load_config
@@ -82,6 +83,16 @@ def test_vae_zero2_from_s3_resumes_by_name_and_exports(ray_cluster, s3_server, s
     assert train_io.weights_digest(ema_sd) == train_io.weights_digest(ema.state_dict())
     with pytest.raises(ValueError, match="holds a 'vae', not a 'denoiser'"):
         _warm_start(model, storage, dataclasses.replace(warm, component="denoiser"))
+
+    # A bf16 export (what ships in the repository) is half the size and loads as fp32 weights
+    # within bf16 rounding of the fp32 export.
+    half = export(cfg, "vae-z2", str(tmp_path / "vae16"), dtype="bf16")
+    size = os.path.getsize(os.path.join(half, "model.safetensors"))
+    assert size < 0.6 * os.path.getsize(os.path.join(out, "model.safetensors"))
+    for a, b in zip(load_component(half).state_dict().values(), ema.state_dict().values(),
+                    strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
 def _kill_a_worker_after_first_checkpoint(storage, run_uri, killed: list, timeout=300):
