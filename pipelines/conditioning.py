@@ -42,7 +42,7 @@ class CachedTextEncoder:
         rows = [self.cache[p] for p in prompts]
         for p in prompts:
             self.cache.move_to_end(p)
-        return TextEmbedding(tokens=torch.stack([r[0] for r in rows]).float(),
+        return TextEmbedding(tokens=torch.stack([r[0].float() for r in rows]),
                              mask=torch.stack([r[1] for r in rows]),
                              pooled=torch.stack([r[2] for r in rows]))
 

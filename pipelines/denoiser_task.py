@@ -106,9 +106,11 @@ class DenoiserTask:
 
     def loss(self, model, batch: dict, step: int):
         x = to_video(batch["video"])
-        with torch.no_grad():
-            z = self.vae.encode(x)
+        bf16 = self.task.encode_bf16
+        with torch.no_grad(), torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
+            z = self.vae.encode(x).float()
             frames, exact = training_frames(z, self.vae, x, self.task, self.gen)
+        frames = frames.float()
         cond = self.conditioning(batch, frames)
         loss = self.flow.loss(model, z, cond, weight=1 - exact, generator=self.gen)
         return loss, {}

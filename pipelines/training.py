@@ -32,6 +32,9 @@ class TaskConfig:
     p_prefix: float = 0.15  # window context: the first 1-2 latent frames given exactly
     p_keyframes: float = 0.15  # keyframe images guide some groups (plus the first frame)
     vae_weights: str = ""  # exported VAE folder for denoiser training ("" -> shipped checkpoint)
+    # Encode the frozen VAE in bf16: 3x faster on CPU (the encoder was ~30% of an fp32 denoiser
+    # step); the rounding (~1e-2 of a unit-variance latent) is far below the diffusion noise.
+    encode_bf16: bool = True
     text_stats_captions: int = 2000  # world captions used to standardise text inputs
     crop: int = 32  # upscalers: high-resolution crop size (pixels) to keep steps cheap
     seed: int = 0

@@ -1,0 +1,112 @@
+"""Training tasks on tiny random components: finite losses that reach every trainable parameter,
+the conditioning mixes the denoiser is trained on, and running latent statistics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from cineray.config import load_config
+from cineray.models.video_vae import VideoVAE
+from cineray.pipelines.denoiser_task import training_frames
+from cineray.pipelines.training import TaskConfig, edge_weights, make_task, spec_for
+from cineray.pipelines.weights import save_component
+from cineray.world import WorldConfig, captions, render, sample_scene
+
+
+def world_batch(n: int, frames: int = 17, size: int = 32, fps: float = 8.0, hr: str = "") -> dict:
+    cfg = WorldConfig()
+    scenes = [sample_scene(cfg, i) for i in range(n)]
+    batch = {
+        "video": torch.from_numpy(np.stack([render(s, size, size, frames, fps) for s in scenes])),
+        "caption": [captions(s, 0)[0] for s in scenes],
+        "camera": [s.camera for s in scenes],
+        "camera_speed": torch.full((n,), 0.1), "focal_length_mm": torch.full((n,), 50.0),
+        "fps": torch.full((n,), fps),
+    }
+    if hr == "spatial":
+        batch["video_hr"] = torch.from_numpy(np.stack([render(s, 2 * size, 2 * size, frames, fps)
+                                                       for s in scenes]))
+    elif hr == "temporal":
+        batch["video_hr"] = torch.from_numpy(np.stack([render(s, size, size, 2 * frames - 1,
+                                                              2 * fps) for s in scenes]))
+    return batch
+
+
+@pytest.fixture(scope="module")
+def cfg(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("vae")
+    save_component("vae", VideoVAE(load_config("tiny").vae), folder)
+    return load_config("tiny", [f"task.vae_weights={folder}", "task.text_stats_captions=64"])
+
+
+@pytest.mark.parametrize("component, hr", [("vae", ""), ("denoiser", ""),
+                                           ("upscaler_spatial", "spatial"),
+                                           ("upscaler_temporal", "temporal")])
+def test_loss_is_finite_and_trains_the_model(cfg, component, hr):
+    torch.manual_seed(0)
+    task = make_task(component, cfg)
+    model = task.build_model()
+    with torch.no_grad():  # zero-initialised heads would hide dead parameters at step 0
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    loss, metrics = task.loss(model, world_batch(2, hr=hr), step=0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert all(np.isfinite(v) for v in metrics.values())
+    loss.backward()
+    dead = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().max() > 0]
+    assert dead == []
+
+
+def test_specs_pick_each_components_renditions():
+    world = WorldConfig()
+    assert spec_for("denoiser", world).fps is None  # every frame rate (the keyframe pass)
+    s = spec_for("upscaler_temporal", world)
+    assert (s.hr_frames, s.hr_fps) == (33, 16.0)
+    assert (spec_for("upscaler_spatial", world).hr_width, spec_for("vae", world).fps) == (64, 8.0)
+    with pytest.raises(ValueError, match="train.component"):
+        make_task("decoder", load_config("tiny"))
+
+
+def test_training_frames_mix_the_pipelines_conditioning(cfg):
+    task = make_task("denoiser", cfg)
+    x = torch.rand(64, 3, 17, 32, 32) * 2 - 1
+    with torch.no_grad():
+        z = task.vae.encode(x)
+        frames, exact = training_frames(z, task.vae, x, cfg.task, torch.Generator().manual_seed(0))
+    c = z.shape[1]
+    known, ex, key = frames[:, :c], frames[:, c], frames[:, c + 1]
+    assert torch.equal(ex[:, :, :1, :1], exact[:, 0]) and ex.amax() == 1
+    # exact frames carry the clip's own latents; nothing else is given where both masks are 0
+    torch.testing.assert_close(known * ex[:, None], z * ex[:, None])
+    assert (known[(ex + key)[:, None].expand_as(known) == 0] == 0).all()
+    kinds = {"none": 0, "first": 0, "prefix": 0, "keys": 0}
+    for i in range(64):
+        e, k = ex[i, :, 0, 0], key[i, :, 0, 0]
+        if k.any():
+            kinds["keys"] += 1
+            assert e[0] == 1 and k[0] == 0
+        elif e.sum() == 0:
+            kinds["none"] += 1
+        else:
+            kinds["first" if e.sum() == 1 else "prefix"] += 1
+    assert all(v > 0 for v in kinds.values()), kinds
+
+
+def test_vae_task_tracks_latent_statistics(cfg):
+    task = make_task("vae", dataclasses.replace(cfg, task=TaskConfig(kl_weight=0.0)))
+    model = task.build_model()
+    for _ in range(3):
+        task.loss(model, world_batch(2), step=0)
+    assert model.latent_std.ne(1).all() and model.latent_mean.ne(0).all()
+
+
+def test_edge_weights_favour_object_edges():
+    x = -torch.ones(1, 3, 1, 16, 16)
+    x[..., 4:12, 4:12] = 1.0
+    w = edge_weights(x, 10.0)
+    assert w[0, 0, 0, 4, 8] > 2 and w[0, 0, 0, 0, 0] == 1 and w[0, 0, 0, 8, 8] == 1
