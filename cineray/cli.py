@@ -206,6 +206,40 @@ def render(
 
 
 @app.command()
+def verify(
+    clip: Annotated[str, typer.Argument(help="MP4 to check: a local path or s3:// URI.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Read a clip's watermark (payload, confidence) and C2PA manifest (validation state).
+    Exit code 0: watermark found; 1: no watermark; 2: the file cannot be read."""
+    import json
+    import os
+
+    from cineray.pipelines.provenance import describe
+    from cineray.storage import Storage
+
+    data = Storage().read_bytes(clip if "://" in clip else os.path.abspath(clip))
+    report = describe(data)
+    wm, c2 = report["watermark"], report["c2pa"]
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+    else:
+        found = "found" if wm["watermarked"] else "not found"
+        typer.echo(f"watermark: {found} (score {wm['score']:.1f}, threshold {wm['threshold']:.1f}"
+                   f", confidence {wm['confidence']:.2f})")
+        typer.echo(f"payload: {wm['payload'] or '-'}")
+        failures = f" (failures: {', '.join(c2['failures'])})" if c2["failures"] else ""
+        trusted = c2["trusted_with_local_ca"]
+        typer.echo(f"c2pa: {c2['state']}{failures}"
+                   + (f"; with the local CA as trust anchor: {trusted}" if trusted else ""))
+        match = report["payload_matches_manifest"]
+        typer.echo(f"payload matches manifest: {'-' if match is None else 'yes' if match else 'NO'}")
+        if c2["manifest"] is not None:
+            typer.echo("manifest: " + json.dumps(c2["manifest"], indent=2, default=str))
+    raise typer.Exit(0 if wm["watermarked"] else 1)
+
+
+@app.command()
 def train(
     component: Annotated[str | None, typer.Argument(
         help="vae | denoiser | upscaler_spatial | upscaler_temporal (default: train.component)")] = None,

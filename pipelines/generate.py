@@ -21,6 +21,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from cineray.pipelines import provenance
+from cineray.pipelines.safety import check_prompt
 from cineray.pipelines.stages import (
     Components,
     GenerationRequest,
@@ -32,7 +34,6 @@ from cineray.pipelines.stages import (
     encode_images,
     encode_text,
     image_latent,
-    mux,
     prefix_frames,
     sampler_config,
     to_uint8,
@@ -86,7 +87,9 @@ class _Steps:
 
 
 def check_request(components: Components, request: GenerationRequest) -> None:
-    """Checks that need the components: the base size against the latent grid."""
+    """The safety filter first (a blocked prompt raises BlockedPrompt before any stage runs),
+    then checks that need the components: the base size against the latent grid."""
+    check_prompt(request.prompt).raise_if_blocked()
     multiple = components.vae.spatial_factor * components.denoiser.cfg.patch[1]
     for name in ("width", "height"):
         v = getattr(request, name)
@@ -282,26 +285,44 @@ class _Collector:
 # ---------------------------------------------------------------------------------------------
 
 
-def default_render_path(request: GenerationRequest) -> str:
-    """renders/<prompt-slug>-seed<seed>-<digest>.mp4 (relative to the storage root); the digest
-    covers every request field, so different settings never overwrite each other."""
-    slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:48] or "untitled"
+def request_digest(request: GenerationRequest) -> str:
+    """10 hex digits over every request field: different settings, different digest."""
     h = hashlib.blake2b(digest_size=5)
     for name, value in sorted(vars(request).items()):
         h.update(name.encode() + (value.tobytes() if isinstance(value, np.ndarray)
                                   else repr(value).encode()))
-    return f"renders/{slug}-seed{request.seed}-{h.hexdigest()}.mp4"
+    return h.hexdigest()
+
+
+def default_render_path(request: GenerationRequest) -> str:
+    """renders/<prompt-slug>-seed<seed>-<digest>.mp4 (relative to the storage root); the digest
+    covers every request field, so different settings never overwrite each other."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.prompt.lower()).strip("-")[:48] or "untitled"
+    return f"renders/{slug}-seed{request.seed}-{request_digest(request)}.mp4"
+
+
+def manifest_info(components: Components, request: GenerationRequest,
+                  job_id: str | None = None) -> provenance.ManifestInfo:
+    """What the watermark and the C2PA manifest of this request's clip state. job_id defaults
+    to one derived from the request (same request, same id), as one-process renders have no
+    job record."""
+    model = provenance.model_id({"vae": components.vae, "denoiser": components.denoiser,
+                                 "upscaler_spatial": components.upscaler_spatial,
+                                 "upscaler_temporal": components.upscaler_temporal})
+    job = job_id or f"render-{request_digest(request)}"
+    return provenance.ManifestInfo(model, request.prompt, job,
+                                   provenance.Payload.for_job(model, job))
 
 
 def render_to_file(components: Components, request: GenerationRequest, out: str | None = None,
                    storage: Storage | None = None, progress: ProgressFn | None = None,
                    ) -> tuple[str, GenerationResult]:
-    """Generate, mux and write the MP4 atomically; returns (absolute URI, result).
+    """Generate, then watermark, mux and sign (provenance.package: always, whatever the
+    request says) and write the MP4 atomically; returns (absolute URI, result).
     out: a local path, s3:// URI or a path under the storage root (default: renders/...)."""
     result = generate(components, request, progress)
-    t0 = time.perf_counter()
-    data = mux(result.frames, result.fps)
-    result.timings["mux"] = time.perf_counter() - t0
+    data = provenance.package(result.frames, result.fps, manifest_info(components, request),
+                              timings=result.timings)
     storage = storage or Storage()
     return storage.write_bytes(out or default_render_path(request), data), result
 
