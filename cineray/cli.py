@@ -227,7 +227,8 @@ def verify(
         found = "found" if wm["watermarked"] else "not found"
         typer.echo(f"watermark: {found} (score {wm['score']:.1f}, threshold {wm['threshold']:.1f}"
                    f", confidence {wm['confidence']:.2f})")
-        typer.echo(f"payload: {wm['payload'] or '-'}")
+        unreadable = "unreadable (checksum failed)" if wm["watermarked"] else "-"
+        typer.echo(f"payload: {wm['payload'] or unreadable}")
         failures = f" (failures: {', '.join(c2['failures'])})" if c2["failures"] else ""
         trusted = c2["trusted_with_local_ca"]
         typer.echo(f"c2pa: {c2['state']}{failures}"

@@ -9,7 +9,7 @@ Design (each choice is there for an attack a clip meets after it leaves cineray)
   cells (grid 16) 91% (more background texture at that scale competes with the mark); single
   pixel cells (the 64 px clip downscaled to 32 px and re-encoded) do not survive.
 - **What**: each cell carries one chip: +-1 (a keyed random sign) times either the pilot (a known
-  +1, 1/4 of the cells) or one bit of the payload codeword. The payload (>= 48 bits) is coded by
+  +1, 1/4 of the cells) or one bit of the payload codeword. The payload (64 bits) is coded by
   a rate-1/3, K=7 convolutional code (soft Viterbi); each coded bit gets several cells, i.e. a
   repetition layer under the code.
 - **When**: the pattern's sign flips over `segments` stretches of normalised clip time (keyed,
@@ -46,12 +46,12 @@ LUMA = np.array([0.299, 0.587, 0.114])  # BT.601, the matrix x264's yuv420p conv
 @dataclass
 class WatermarkConfig:
     grid: int = 32  # cells per side of the resolution-normalised lattice
-    segments: int = 8  # time segments with keyed, balanced +-1 signs
-    payload_bits: int = 48
-    pilot_fraction: float = 0.25  # cells given to the known pilot (detection + registration)
+    segments: int = 4  # time segments with keyed, balanced +-1 signs
+    payload_bits: int = 64  # provenance packs 48 payload bits + a 16-bit CRC
+    pilot_fraction: float = 0.2  # cells given to the known pilot (detection + registration)
     target_psnr: float = 38.5  # dB of the luma change over the whole clip (energy budget)
     floor: float = 0.5  # min amplitude of a bit the host already favours, in margins
-    cap: float = 3.0  # max amplitude of a bit the host opposes, in margins (the code does the rest)
+    cap: float = 4.0  # max amplitude of a bit the host opposes, in margins (the code does the rest)
     clip_sigma: float = 2.5  # detector: clip whitened residuals at this many robust sigmas
     key: int = 0x5EED_C1E7  # seeds the carriers; a deployment keeps its own key secret
 

@@ -6,8 +6,10 @@
     read_manifest(data) -> ManifestReport      # the manifest and its validation state
     package(frames, fps, payload, info) -> bytes   # watermark -> mux -> sign: every output path
 
-Payload: 48 bits = 16-bit model id (from a digest of the weights) + 32-bit job id hash; the
-watermark model (cineray.models.watermark) adds the error-correcting code.
+Payload: 48 bits = 16-bit model id (from a digest of the weights) + 32-bit job id hash, packed
+with a CRC-16 into the watermark's 64 bits; the watermark model (cineray.models.watermark) adds
+the error-correcting code. The CRC tells a payload read right from one the code could not
+correct: a weak watermark can still be detected (its pilot) while its payload is unreadable.
 
 Signing: a cluster configures its own certificate chain and key (SigningConfig, or the
 CINERAY_C2PA_CERT / CINERAY_C2PA_KEY environment variables naming PEM files). Otherwise a local
@@ -35,15 +37,19 @@ from cineray import __version__
 from cineray.models.watermark import Reading, Watermark, WatermarkConfig
 from cineray.video import read_mp4
 
-MODEL_BITS, JOB_BITS = 16, 32
+MODEL_BITS, JOB_BITS, CRC_BITS = 16, 32, 16
+PACKED_BITS = MODEL_BITS + JOB_BITS + CRC_BITS
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 GENERATION_LABEL = "org.cineray.generation"
 # Detector thresholds on Reading.score, from 1,000 unwatermarked 64x64x33 world clips (H.264
-# CRF 23; benchmarks/bench_watermark.py): aligned read mean 5.98, std 0.68, max 8.16; crop/scale
-# search (the best of many registrations, hence higher) mean 7.80, std 0.40, max 9.20. Each
-# threshold sits about 4.5 to 5.5 null standard deviations above its mean.
-THRESHOLD_ALIGNED = 9.0
-THRESHOLD_SEARCH = 10.0
+# CRF 23; benchmarks/bench_watermark.py): aligned read mean 6.93, std 0.66, max 9.15; crop/scale
+# search (the best of many registrations, hence higher) mean 8.67, std 0.39, max 10.00.
+# A payload that passes its CRC is evidence on its own (noise passes 1 time in 65,536), so it
+# needs a lower score (about mean + 1.6 std); an unreadable one needs about mean + 5 std.
+THRESHOLDS = {  # (search?, payload readable?) -> score needed
+    (False, True): 8.0, (False, False): 10.2,
+    (True, True): 9.5, (True, False): 10.8,
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,18 +74,34 @@ class Payload:
         return cls(_hash_bits(model_id, MODEL_BITS), _hash_bits(job_id, JOB_BITS))
 
     def bits(self) -> np.ndarray:
-        """(48,) uint8, most significant bit first."""
+        """(64,) uint8, most significant bit first: model, job, then the CRC-16 of both."""
         value = (self.model << JOB_BITS) | self.job
-        return np.array([(value >> i) & 1 for i in range(MODEL_BITS + JOB_BITS - 1, -1, -1)],
-                        np.uint8)
+        value = (value << CRC_BITS) | crc16(value.to_bytes(6, "big"))
+        return np.array([(value >> i) & 1 for i in range(PACKED_BITS - 1, -1, -1)], np.uint8)
 
     @classmethod
-    def from_bits(cls, bits: np.ndarray) -> Payload:
+    def from_bits(cls, bits: np.ndarray) -> Payload | None:
+        """The payload of 64 read bits, or None when their CRC does not match."""
+        if len(bits) != PACKED_BITS:
+            raise ValueError(f"expected {PACKED_BITS} bits, got {len(bits)}")
         value = int("".join(str(int(b)) for b in bits), 2)
-        return cls(value >> JOB_BITS, value & (2**JOB_BITS - 1))
+        data, crc = value >> CRC_BITS, value & (2**CRC_BITS - 1)
+        if crc16(data.to_bytes(6, "big")) != crc:
+            return None
+        return cls(data >> JOB_BITS, data & (2**JOB_BITS - 1))
 
     def __str__(self) -> str:
         return f"{self.model:04x}-{self.job:08x}"
+
+
+def crc16(data: bytes) -> int:
+    """CRC-16/CCITT-FALSE (poly 0x1021, init 0xFFFF)."""
+    crc = 0xFFFF
+    for byte in data:
+        crc ^= byte << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021 if crc & 0x8000 else crc << 1) & 0xFFFF
+    return crc
 
 
 def _hash_bits(text: str, bits: int) -> int:
@@ -118,18 +140,22 @@ def watermark(frames: np.ndarray, payload: Payload) -> np.ndarray:
 
 @dataclass
 class Detection:
-    """detect's answer. payload is None when no watermark is found."""
+    """detect's answer. payload is None when no watermark is found, or when one is found but
+    its payload fails the CRC (too damaged to read)."""
 
     watermarked: bool
     payload: Payload | None
-    score: float  # z-score of the expected pattern; about 6 +- 0.7 on unwatermarked clips
+    score: float  # z-score of the expected pattern; about 7 +- 0.7 on unwatermarked clips
     threshold: float  # the score a watermark needs (depends on whether it was re-registered)
-    confidence: float  # fraction of coded bits agreeing with the decoded codeword (0.5 = chance)
+    confidence: float  # fraction of coded bits agreeing with the decoded codeword (~0.74 chance)
     registration: tuple = ()  # () = as embedded; else (cell h px, cell w px, shift y, shift x)
+    bits: np.ndarray | None = field(default=None, repr=False)  # the 64 decoded bits
 
     def to_dict(self) -> dict:
         out = asdict(self)
         out["payload"] = None if self.payload is None else str(self.payload)
+        out["payload_readable"] = self.payload is not None
+        out.pop("bits")
         return out
 
 
@@ -138,11 +164,11 @@ def detect(frames: np.ndarray, search: bool = True) -> Detection:
     copy maps to the same cells); if that fails and `search`, re-register a cropped or rescaled
     copy. Frame drops and frame-rate changes need no search (time is normalised)."""
     wm = _watermarker()
-    found = _decide(wm.read(frames), THRESHOLD_ALIGNED)
+    found = decide(wm.read(frames), searched=False)
     if found.watermarked or not search:
         return found
-    searched = _decide(wm.register(frames), THRESHOLD_SEARCH)
-    return searched if searched.watermarked else found
+    again = decide(wm.register(frames), searched=True)
+    return again if again.watermarked else found
 
 
 def detect_mp4(data: bytes | str) -> Detection:
@@ -150,10 +176,13 @@ def detect_mp4(data: bytes | str) -> Detection:
     return detect(frames)
 
 
-def _decide(reading: Reading, threshold: float) -> Detection:
+def decide(reading: Reading, searched: bool) -> Detection:
+    """The calibrated decision on one read (see THRESHOLDS)."""
+    payload = Payload.from_bits(reading.bits)
+    threshold = THRESHOLDS[searched, payload is not None]
     ok = reading.score >= threshold
-    return Detection(ok, Payload.from_bits(reading.bits) if ok else None, reading.score,
-                     threshold, reading.agreement, reading.registration)
+    return Detection(ok, payload if ok else None, reading.score, threshold, reading.agreement,
+                     reading.registration, reading.bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -385,5 +414,5 @@ def _assertion(manifest: dict | None, label: str) -> dict | None:
 
 
 __all__ = ["Payload", "Detection", "ManifestInfo", "ManifestReport", "SigningConfig",
-           "watermark", "detect", "detect_mp4", "sign_mp4", "read_manifest", "package",
+           "watermark", "detect", "detect_mp4", "decide", "sign_mp4", "read_manifest", "package",
            "model_id", "describe"]

@@ -70,8 +70,12 @@ def test_payload_packs_48_bits_and_back():
     p = Payload.for_job("model-a", "job-1")
     assert p == Payload.for_job("model-a", "job-1") != Payload.for_job("model-a", "job-2")
     bits = p.bits()
-    assert bits.shape == (48,) and set(np.unique(bits)) <= {0, 1}
+    assert bits.shape == (64,) and set(np.unique(bits)) <= {0, 1}  # 48 + CRC-16
     assert Payload.from_bits(bits) == p and str(p) == f"{p.model:04x}-{p.job:08x}"
+    for i in (0, 20, 47, 50, 63):  # any single wrong bit fails the CRC
+        wrong = bits.copy()
+        wrong[i] ^= 1
+        assert Payload.from_bits(wrong) is None
     with pytest.raises(ValueError, match="model 65536 \\(16 bits\\)"):
         Payload(2**16, 0)
     with pytest.raises(ValueError, match="ids must be non-empty strings"):
