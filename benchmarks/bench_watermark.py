@@ -250,7 +250,7 @@ def plot(report: dict, path: Path) -> None:
         bx.axvline(t, color="r" if readable else "k", ls="--" if search else "-", lw=1)
     bx.set_title(f"{fp['clips']} unwatermarked {fp['size']}px clips: "
                  f"{fp['false_positives']} false positives")
-    bx.set_xlabel("score; thresholds (solid aligned, dashed search; red: payload CRC ok)")
+    bx.set_xlabel("score (thresholds: solid aligned, dashed search; red: CRC ok)")
     bx.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
