@@ -22,12 +22,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from cineray.errors import ConfigError
+from cineray.jobs.batch_config import BatchConfig
 from cineray.jobs.train_config import TrainConfig
 from cineray.models.dit import DiTConfig
 from cineray.models.text_encoder import TextEncoderConfig
 from cineray.models.upscaler import UpscalerConfig
 from cineray.models.video_vae import VAEConfig
 from cineray.pipelines.flow import FlowConfig, SamplerConfig
+from cineray.pipelines.provenance import ProvenanceConfig
 from cineray.pipelines.training import TaskConfig
 from cineray.storage import StorageConfig
 from cineray.world import WorldConfig
@@ -53,6 +55,9 @@ class CinerayConfig:
     sampler: SamplerConfig = field(default_factory=SamplerConfig)  # generation defaults
     task: TaskConfig = field(default_factory=TaskConfig)  # training losses and augmentation
     train: TrainConfig = field(default_factory=TrainConfig)  # the training job (jobs/train.py)
+    # watermark key and C2PA signing material (a deployment sets its own secret key)
+    provenance: ProvenanceConfig = field(default_factory=ProvenanceConfig)
+    batch: BatchConfig = field(default_factory=BatchConfig)  # batch renders (jobs/batch_render.py)
 
 
 def preset_names() -> list[str]:
