@@ -209,17 +209,21 @@ def render(
 def verify(
     clip: Annotated[str, typer.Argument(help="MP4 to check: a local path or s3:// URI.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
 ) -> None:
     """Read a clip's watermark (payload, confidence) and C2PA manifest (validation state).
-    Exit code 0: watermark found; 1: no watermark; 2: the file cannot be read."""
+    The watermark key and trust anchor come from the `provenance` section (--set
+    provenance.watermark_key=...). Exit code 0: watermark found; 1: none; 2: unreadable file."""
     import json
     import os
 
     from cineray.pipelines.provenance import describe
     from cineray.storage import Storage
 
-    data = Storage().read_bytes(clip if "://" in clip else os.path.abspath(clip))
-    report = describe(data)
+    cfg = resolve_config(config, overrides)
+    data = Storage(cfg.storage).read_bytes(clip if "://" in clip else os.path.abspath(clip))
+    report = describe(data, cfg.provenance)
     wm, c2 = report["watermark"], report["c2pa"]
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))

@@ -17,6 +17,11 @@ CA and an ES256 signing certificate are created on first use under `<data folder
 (private keys mode 0600). A reader that does not trust that CA sees the manifest as "Valid"
 (signature and hashes check, issuer unknown); with the local CA as anchor it is "Trusted".
 No time-stamp authority and no network are used.
+
+Configuration: the `provenance` section of CinerayConfig (ProvenanceConfig) holds the watermark
+key and the signing material; every function here takes it as an optional `cfg` and, left out or
+with fields left None, falls back to the environment (CINERAY_WATERMARK_KEY, CINERAY_C2PA_*) and
+then to the public defaults.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from cineray.video import read_mp4
 
 MODEL_BITS, JOB_BITS, CRC_BITS = 16, 32, 16
 PACKED_BITS = MODEL_BITS + JOB_BITS + CRC_BITS
+DEFAULT_WATERMARK_KEY = WatermarkConfig.key  # public: a deployment sets its own secret key
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 GENERATION_LABEL = "org.cineray.generation"
 # Detector thresholds on Reading.score, from 1,000 unwatermarked 64x64x33 world clips (H.264
@@ -129,13 +135,14 @@ def model_id(modules: dict) -> str:
 
 
 @lru_cache(maxsize=4)
-def _watermarker(cfg: WatermarkConfig | None = None) -> Watermark:
-    return Watermark(cfg)
+def _watermarker(key: int = DEFAULT_WATERMARK_KEY) -> Watermark:
+    return Watermark(WatermarkConfig(key=key))
 
 
-def watermark(frames: np.ndarray, payload: Payload) -> np.ndarray:
-    """Embed `payload` in a clip: uint8 (T, H, W, 3) -> uint8 (T, H, W, 3)."""
-    return _watermarker().embed(frames, payload.bits())
+def watermark(frames: np.ndarray, payload: Payload,
+              cfg: ProvenanceConfig | None = None) -> np.ndarray:
+    """Embed `payload` in a clip: uint8 (T, H, W, 3) -> uint8 (T, H, W, 3), with cfg's key."""
+    return _watermarker(_config(cfg).key()).embed(frames, payload.bits())
 
 
 @dataclass
@@ -159,11 +166,13 @@ class Detection:
         return out
 
 
-def detect(frames: np.ndarray, search: bool = True) -> Detection:
+def detect(frames: np.ndarray, search: bool = True,
+           cfg: ProvenanceConfig | None = None) -> Detection:
     """Read the watermark of a clip uint8 (T, H, W, 3): first as embedded (any size: a resized
     copy maps to the same cells); if that fails and `search`, re-register a cropped or rescaled
-    copy. Frame drops and frame-rate changes need no search (time is normalised)."""
-    wm = _watermarker()
+    copy. Frame drops and frame-rate changes need no search (time is normalised). Only a clip
+    marked with cfg's watermark key is found."""
+    wm = _watermarker(_config(cfg).key())
     found = decide(wm.read(frames), searched=False)
     if found.watermarked or not search:
         return found
@@ -171,9 +180,9 @@ def detect(frames: np.ndarray, search: bool = True) -> Detection:
     return again if again.watermarked else found
 
 
-def detect_mp4(data: bytes | str) -> Detection:
+def detect_mp4(data: bytes | str, cfg: ProvenanceConfig | None = None) -> Detection:
     frames, _ = read_mp4(data)
-    return detect(frames)
+    return detect(frames, cfg=cfg)
 
 
 def decide(reading: Reading, searched: bool) -> Detection:
@@ -231,6 +240,67 @@ class SigningConfig:
         env = os.environ
         return cls(env.get("CINERAY_C2PA_CERT") or None, env.get("CINERAY_C2PA_KEY") or None,
                    env.get("CINERAY_C2PA_DIR") or cls.keys_dir)
+
+
+@dataclass
+class ProvenanceConfig:
+    """The `provenance` config section: watermark key and C2PA signing material.
+
+    watermark_key seeds the watermark's keyed carriers: only the same key embeds and detects.
+    The default (None) is CINERAY_WATERMARK_KEY when set, else the PUBLIC default
+    DEFAULT_WATERMARK_KEY, which anyone can read and forge with. A deployment sets its own
+    secret (a non-negative integer, e.g. `python -c "import secrets; print(secrets.randbits(
+    64))"`) through the environment or `provenance.watermark_key=...`, and keeps it: clips
+    marked under one key are not detected under another.
+    Signing fields left None come from CINERAY_C2PA_CERT / CINERAY_C2PA_KEY / CINERAY_C2PA_DIR,
+    else the local CA under cineray-data/provenance/ (see SigningConfig)."""
+
+    watermark_key: int | None = None
+    cert_chain: str | None = None  # PEM chain, leaf first
+    private_key: str | None = None  # PEM private key of the leaf
+    keys_dir: str | None = None  # the local CA's folder when no chain is given
+
+    def __post_init__(self):
+        if self.watermark_key is not None and self.watermark_key < 0:
+            raise ValueError(f"provenance.watermark_key must be a non-negative integer, got "
+                             f"{self.watermark_key}")
+        if (self.cert_chain is None) != (self.private_key is None):
+            raise ValueError("give both provenance.cert_chain and provenance.private_key, or "
+                             "neither to use the local CA")
+
+    def key(self) -> int:
+        """The watermark key in force: the field, else CINERAY_WATERMARK_KEY, else the default."""
+        if self.watermark_key is not None:
+            return self.watermark_key
+        text = os.environ.get("CINERAY_WATERMARK_KEY", "").strip()
+        if not text:
+            return DEFAULT_WATERMARK_KEY
+        try:
+            value = int(text, 0)  # decimal, or 0x... hex
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise ValueError(f"CINERAY_WATERMARK_KEY={text!r} is not a non-negative integer; set "
+                             f"it to e.g. a decimal or 0x-prefixed hex number")
+        return value
+
+    def signing(self) -> SigningConfig:
+        """SigningConfig with the fields left None taken from the environment."""
+        env = SigningConfig.from_env()
+        if self.cert_chain is not None:
+            env.cert_chain, env.private_key = self.cert_chain, self.private_key
+        if self.keys_dir is not None:
+            env.keys_dir = self.keys_dir
+        return env
+
+
+def _config(cfg: ProvenanceConfig | None) -> ProvenanceConfig:
+    return cfg if cfg is not None else ProvenanceConfig()
+
+
+def _signing(cfg: ProvenanceConfig | SigningConfig | None) -> SigningConfig | None:
+    """The signing half of either config (None: the environment, as before)."""
+    return cfg.signing() if isinstance(cfg, ProvenanceConfig) else cfg
 
 
 def signing_material(cfg: SigningConfig | None = None) -> tuple[bytes, bytes, bytes | None]:
@@ -372,29 +442,32 @@ def _read(c2pa, data: bytes, context) -> tuple[str, dict | None, list[str]]:
 # ---------------------------------------------------------------------------------------------
 
 
-def package(frames: np.ndarray, fps: float, info: ManifestInfo, cfg: SigningConfig | None = None,
+def package(frames: np.ndarray, fps: float, info: ManifestInfo,
+            cfg: ProvenanceConfig | SigningConfig | None = None,
             timings: dict[str, float] | None = None) -> bytes:
     """The end of every output path: watermark info.payload into uint8 (T, H, W, 3) frames, mux
     them to an H.264 MP4 and sign its manifest. No request field reaches this switch-free path.
+    cfg: the provenance section (watermark key + signing), or just a SigningConfig (default
+    watermark key); None: environment, then defaults.
     timings: seconds per step ("watermark", "mux", "sign") are added to it."""
     from cineray.pipelines.stages import mux  # noqa: PLC0415  (loads the models: keep lazy)
 
     timings = {} if timings is None else timings
     t0 = time.perf_counter()
-    marked = watermark(frames, info.payload)
+    marked = watermark(frames, info.payload, cfg if isinstance(cfg, ProvenanceConfig) else None)
     t1 = time.perf_counter()
     data = mux(marked, fps)
     t2 = time.perf_counter()
-    signed = sign_mp4(data, info, cfg)
+    signed = sign_mp4(data, info, _signing(cfg))
     timings.update(watermark=t1 - t0, mux=t2 - t1, sign=time.perf_counter() - t2)
     return signed
 
 
-def describe(data: bytes) -> dict:
-    """What `cineray verify` prints: the watermark reading, the manifest report, and whether
-    the watermark payload matches the ids the manifest states."""
-    det = detect_mp4(data)
-    report = read_manifest(data)
+def describe(data: bytes, cfg: ProvenanceConfig | None = None) -> dict:
+    """What `cineray verify` prints: the watermark reading (with cfg's key), the manifest report,
+    and whether the watermark payload matches the ids the manifest states."""
+    det = detect_mp4(data, cfg)
+    report = read_manifest(data, _signing(cfg))
     generation = _assertion(report.manifest, GENERATION_LABEL) or {}
     match = None
     if det.payload is not None and generation.get("model_id") and generation.get("job_id"):
@@ -414,5 +487,6 @@ def _assertion(manifest: dict | None, label: str) -> dict | None:
 
 
 __all__ = ["Payload", "Detection", "ManifestInfo", "ManifestReport", "SigningConfig",
+           "ProvenanceConfig", "DEFAULT_WATERMARK_KEY",
            "watermark", "detect", "detect_mp4", "decide", "sign_mp4", "read_manifest", "package",
            "model_id", "describe"]

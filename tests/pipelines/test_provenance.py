@@ -18,9 +18,11 @@ from cineray.cli import app
 from cineray.pipelines import provenance
 from cineray.pipelines.generate import manifest_info, render_to_file
 from cineray.pipelines.provenance import (
+    DEFAULT_WATERMARK_KEY,
     DIGITAL_SOURCE_TYPE,
     ManifestInfo,
     Payload,
+    ProvenanceConfig,
     SigningConfig,
     detect,
     detect_mp4,
@@ -61,9 +63,14 @@ def rendered(components, tmp_path_factory):
     return data, manifest_info(components, REQ), folder / "keys"
 
 
-def world_mp4(seed: int = 1) -> bytes:
+def world_frames(seed: int = 1) -> np.ndarray:
+    """(9, 64, 64, 3) uint8 world clip at 16 fps."""
     cfg = WorldConfig(width=64, height=64, frames=9, fps_choices=[16.0])
-    return mux(render(sample_scene(cfg, seed, heldout=None), 64, 64, 9, 16.0), 16.0)
+    return render(sample_scene(cfg, seed, heldout=None), 64, 64, 9, 16.0)
+
+
+def world_mp4(seed: int = 1) -> bytes:
+    return mux(world_frames(seed), 16.0)
 
 
 def test_payload_packs_48_bits_and_back():
@@ -189,3 +196,41 @@ def test_base_size_renders_are_marked_too(components, tmp_path):
     data = Path(uri).read_bytes()
     assert detect(read_mp4(data)[0]).payload == manifest_info(components, request).payload
     assert read_manifest(data).valid_apart_from_trust
+
+
+def test_a_clip_marked_with_one_key_is_not_found_with_another(tmp_path, monkeypatch):
+    key_a, key_b = ProvenanceConfig(watermark_key=1234567), ProvenanceConfig(watermark_key=7654321)
+    data = provenance.package(world_frames(), 16.0, INFO, key_a)
+    found = detect_mp4(data, key_a)
+    assert found.watermarked and found.payload == INFO.payload
+    for other in (key_b, None):  # None: the public default key
+        missed = detect_mp4(data, other)
+        assert not missed.watermarked and missed.payload is None
+    assert provenance.describe(data, key_a)["payload_matches_manifest"] is True
+    assert provenance.describe(data)["watermark"]["watermarked"] is False
+
+    monkeypatch.setenv("CINERAY_WATERMARK_KEY", "1234567")  # what a deployment sets
+    assert detect_mp4(data).payload == INFO.payload
+    (tmp_path / "clip.mp4").write_bytes(data)
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "clip.mp4"),
+                                      "--set", "provenance.watermark_key=7654321"])
+    assert result.exit_code == 1 and result.stdout.startswith("watermark: not found")
+    monkeypatch.setenv("CINERAY_WATERMARK_KEY", "not-a-number")
+    with pytest.raises(ValueError, match="CINERAY_WATERMARK_KEY='not-a-number' is not a non-neg"):
+        detect_mp4(data)
+
+
+def test_the_default_provenance_config_changes_nothing(keys, tmp_path):
+    """Old call sites (no config, or a SigningConfig) embed with the public default key."""
+    assert DEFAULT_WATERMARK_KEY == 0x5EED_C1E7
+    frames = world_frames(2)
+    plain = provenance.watermark(frames, INFO.payload)
+    assert np.array_equal(plain, provenance.watermark(frames, INFO.payload, ProvenanceConfig()))
+    for cfg in (None, SigningConfig.from_env(), ProvenanceConfig(keys_dir=str(keys))):
+        data = provenance.package(frames, 16.0, INFO, cfg)
+        assert np.array_equal(read_mp4(data)[0], read_mp4(mux(plain, 16.0))[0])
+        assert read_manifest(data).trusted_state == "Trusted"  # signed by the same local CA
+    other = ProvenanceConfig(keys_dir=str(tmp_path / "other-ca")).signing()
+    assert other.keys_dir == str(tmp_path / "other-ca") and other.cert_chain is None
+    with pytest.raises(ValueError, match="give both provenance.cert_chain and provenance.priv"):
+        ProvenanceConfig(cert_chain="chain.pem")
