@@ -54,6 +54,7 @@ def train(cfg):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    cfg = _absolute_paths(cfg)
     tc: TrainConfig = cfg.train
     _check_cpus(tc)
     storage = Storage(cfg.storage)
@@ -74,6 +75,20 @@ def train(cfg):
         torch_config=TorchConfig(backend="nccl" if tc.use_gpu else "gloo"),
     )
     return trainer.fit()
+
+
+def _absolute_paths(cfg):
+    """Workers run in their own working directories: a relative local storage root, or an
+    init_from folder given relative to where the command runs, must be made absolute here."""
+    root = cfg.storage.root
+    if "://" not in root and not os.path.isabs(root):
+        cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
+            cfg.storage, root=os.path.abspath(root)))
+    init = cfg.train.init_from
+    if init and "://" not in init and not os.path.isabs(init) and os.path.isdir(init):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(
+            cfg.train, init_from=os.path.abspath(init)))
+    return cfg
 
 
 def _check_cpus(tc: TrainConfig) -> None:

@@ -170,3 +170,19 @@ def test_newest_checkpoint_skips_incomplete_ones(local_storage):
     assert train_io.latest_checkpoint(local_storage, local_storage.join("runs", "none")) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         train_io.export(local_storage, local_storage.join("runs", "none"), "out")
+
+
+def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkeypatch):
+    """Workers run in their own working directories: the driver pins relative paths first."""
+    from cineray.config import load_config
+    from cineray.jobs.train import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "weights" / "denoiser").mkdir(parents=True)
+    cfg = load_config("tiny", ["storage.root=data", "train.init_from=weights/denoiser"])
+    fixed = _absolute_paths(cfg)
+    assert fixed.storage.root == str(tmp_path / "data")
+    assert fixed.train.init_from == str(tmp_path / "weights" / "denoiser")
+    s3 = load_config("tiny", ["storage.root=s3://bucket/x", "train.init_from=runs/a/export"])
+    assert _absolute_paths(s3).storage.root == "s3://bucket/x"
+    assert _absolute_paths(s3).train.init_from == "runs/a/export"  # not a local folder: unchanged
