@@ -41,6 +41,7 @@ class AppArgs(BaseModel):
     window_retries: int = Field(3, ge=0, description="Resends of a window whose replica died.")
     denoiser_min_replicas: int = Field(1, ge=0)
     denoiser_max_replicas: int = Field(2, ge=1)
+    upscaler_min_replicas: int = Field(1, ge=0, description="0: started on first use.")
     min_replicas: int = Field(1, ge=0, description="Every other stage.")
     max_replicas: int = Field(2, ge=1, description="Every other stage.")
     num_cpus: float = Field(0.1, gt=0, description="CPUs per replica (fractional on one box).")
@@ -70,7 +71,7 @@ STAGE_LIMITS = {
 
 
 def _autoscaling(args: AppArgs, low: int, high: int, target: float) -> dict:
-    return {"min_replicas": low, "initial_replicas": max(low, 1), "max_replicas": max(high, low),
+    return {"min_replicas": low, "initial_replicas": low, "max_replicas": max(high, low, 1),
             "target_ongoing_requests": target, "upscale_delay_s": args.upscale_delay_s,
             "downscale_delay_s": args.downscale_delay_s, "metrics_interval_s": 2.0,
             "look_back_period_s": 10.0}
@@ -96,8 +97,11 @@ def build(args: AppArgs):
     bound = {}
     for name, dep in STAGES.items():
         ongoing, grace, accel = STAGE_LIMITS[name]
-        low, high = ((args.denoiser_min_replicas, args.denoiser_max_replicas)
-                     if name == "Denoiser" else (args.min_replicas, args.max_replicas))
+        low, high = args.min_replicas, args.max_replicas
+        if name == "Denoiser":
+            low, high = args.denoiser_min_replicas, args.denoiser_max_replicas
+        elif name.startswith("Upscaler"):
+            low = args.upscaler_min_replicas
         actor = {"num_cpus": args.num_cpus}
         if accel and args.use_gpu:
             actor["num_gpus"] = 1.0 if name == "Denoiser" else args.gpu_fraction

@@ -184,6 +184,8 @@ class Ingress:
         if variant == "video" and job["status"] == "completed":
             return self.jobs.read(job["outputs"][index]["uri"])
         if variant == "preview" and job.get("preview_url"):
+            if job["request"].get("upscale") == "none":  # the base clip is the video itself
+                return self.jobs.read(job["outputs"][index]["uri"])
             name = f"preview_{index}.mp4"
             try:
                 return self.jobs.read(self.jobs.storage.join(self.jobs.prefix, job_id, name))

@@ -42,10 +42,20 @@ class Cancelled(Exception):
 
 class _RemoteUpscaler:
     """Looks like an upscaler module to generate.upscale_stream (a .cfg and a call), runs on
-    the upscaler deployment."""
+    the upscaler deployment (asked for its config on first use: a clip that is not upscaled
+    never wakes an upscaler scaled to zero)."""
 
-    def __init__(self, handle, cfg):
-        self.handle, self.cfg = handle, cfg
+    def __init__(self, handle):
+        self.handle, self._config = handle, None
+
+    def config(self) -> dict:
+        if self._config is None:
+            self._config = self.handle.config.remote().result()
+        return self._config
+
+    @property
+    def cfg(self):
+        return self.config()["cfg"]
 
     def __call__(self, video):
         return self.handle.upscale.remote(video).result()
@@ -54,13 +64,16 @@ class _RemoteUpscaler:
 class _RemoteComponents:
     """The attributes generate.finish/upscale_stream read, with the upscalers remote."""
 
-    def __init__(self, spatial: dict, temporal: dict, handles: dict):
+    def __init__(self, handles: dict):
         import torch
 
         self.device = torch.device("cpu")
-        self.upscale_chunk = spatial["chunk"]
-        self.upscaler_spatial = _RemoteUpscaler(handles["UpscalerSpatial"], spatial["cfg"])
-        self.upscaler_temporal = _RemoteUpscaler(handles["UpscalerTemporal"], temporal["cfg"])
+        self.upscaler_spatial = _RemoteUpscaler(handles["UpscalerSpatial"])
+        self.upscaler_temporal = _RemoteUpscaler(handles["UpscalerTemporal"])
+
+    @property
+    def upscale_chunk(self) -> int:
+        return self.upscaler_spatial.config()["chunk"]
 
 
 @serve.deployment(name="Orchestrator")
@@ -89,9 +102,7 @@ class Orchestrator:
     def _components(self) -> _RemoteComponents:
         with self.lock:
             if self.remote is None:
-                s = self.h["UpscalerSpatial"].config.remote().result()
-                t = self.h["UpscalerTemporal"].config.remote().result()
-                self.remote = _RemoteComponents(s, t, self.h)
+                self.remote = _RemoteComponents(self.h)
         return self.remote
 
     # Job ---------------------------------------------------------------------------------------
@@ -109,9 +120,10 @@ class Orchestrator:
             outputs = [ctx.render_sample(replace(request, seed=request.seed + i), i)
                        for i in range(job["request"].get("n", 1))]
             ctx.timings["total"] = time.perf_counter() - t0
+            done = {"preview_url": f"/v1/videos/{job_id}/content?variant=preview"}
             ctx.update(status="completed", stage="completed", progress=100, outputs=outputs,
                        content_url=f"/v1/videos/{job_id}/content", completed_at=int(time.time()),
-                       timings=ctx.rounded())
+                       timings=ctx.rounded(), **(done if request.upscale == "none" else {}))
             self.m_frames.inc(sum(o["frames"] for o in outputs))
         except Cancelled:
             ctx.update(status="cancelled", stage="cancelled", completed_at=int(time.time()),
@@ -174,8 +186,9 @@ class _Job:
         first = None
         if request.image is not None:
             first = self.h["Decoder"].image_latent.remote(request.image)
-        base = self._publish_preview_after(request, index,
-                                           self.base_frames(request, text, plan, first))
+        base = self.base_frames(request, text, plan, first)
+        if request.upscale != "none":  # else the preview is the clip itself: packaged once
+            base = self._publish_preview_after(request, index, base)
         result = finish(self.o._components(), request, base, request.frames, self.timer, plan)
         self.progress("package", 0.97)
         with self.timer("package"):
@@ -211,11 +224,15 @@ class _Job:
 
         pending = [self.submit(request, text, w, keyframes) for w in plan.windows]
         blender = Blender(plan)
-        for w, response in zip(plan.windows, pending, strict=True):
-            out = self.wait_window(request, text, w, keyframes, response)
-            with self.timer("blend"):
-                done = blender.add(w, out["video"])
-            yield done
+        try:
+            for i, w in enumerate(plan.windows):
+                out = self.wait_window(request, text, w, keyframes, pending[i])
+                with self.timer("blend"):
+                    done = blender.add(w, out["video"])
+                yield done
+        finally:  # cancelled or failed: stop the windows still queued or running
+            for response in pending:
+                response.cancel()
 
     def submit(self, request, text, window, keyframes):
         denoised = self.h["Denoiser"].denoise.remote(request, text, window, keyframes,
