@@ -283,5 +283,48 @@ def evaluate(
                    overrides or (), log))
 
 
+submit_app = typer.Typer(help="Submit work to a running Ray cluster as Ray jobs.",
+                         no_args_is_help=True)
+app.add_typer(submit_app, name="submit")
+AddressOption = Annotated[str | None, typer.Option(
+    help="The cluster's dashboard URL (default: $RAY_ADDRESS if http://..., else "
+         "http://127.0.0.1:8265).")]
+
+
+@submit_app.command("batch")
+def submit_batch(
+    prompts: Annotated[str, typer.Option(help="Parquet or JSONL prompt list (path or s3://).")],
+    out: Annotated[str, typer.Option(help="Output folder (path or s3://bucket/prefix).")],
+    address: AddressOption = None,
+    python: Annotated[str | None, typer.Option(
+        help="Python on the cluster (default: this interpreter).")] = None,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
+) -> None:
+    """Submit a batch render (jobs/batch_render.py) as a Ray job; prints the job id."""
+    resolve_config(config, overrides)  # fail here, not on the cluster, on a bad config
+    from cineray.jobs.batch_submit import submit_batch as submit
+
+    typer.echo(submit(prompts, out, config, overrides or (), address, python))
+
+
+@app.command()
+def status(
+    job: Annotated[str, typer.Argument(help="Job id printed by 'cineray submit'.")],
+    address: AddressOption = None,
+    logs: Annotated[bool, typer.Option("--logs", help="Print the job's logs too.")] = False,
+) -> None:
+    """Show a Ray job's state (and a batch render's summary line once it is printed)."""
+    from cineray.jobs.batch_submit import job_status
+
+    report = job_status(job, address, logs)
+    typer.echo(f"{report['job_id']}: {report['status']}"
+               + (f" ({report['message']})" if report["message"] else ""))
+    if report["summary"]:
+        typer.echo(report["summary"])
+    if logs:
+        typer.echo(report["logs"], nl=False)
+
+
 if __name__ == "__main__":  # python -m cineray.cli
     sys.exit(app())
