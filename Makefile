@@ -8,7 +8,7 @@ PROMPT ?= a red ball falling and bouncing
 ARGS   ?=
 STAMP  := $(VENV)/.cineray-installed
 
-.PHONY: setup render test test-fast bench lint clean
+.PHONY: setup render test test-fast bench lint clean kuberay
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ bench: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+
+# infra/kuberay/rayservice.yaml from infra/serve/gpu.yaml + infra/kuberay/raycluster.yaml
+kuberay:
+	$(PYTHON) infra/kuberay/render.py
 
 clean:
 	rm -rf $(VENV) cineray-data .pytest_cache
