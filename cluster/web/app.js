@@ -19,7 +19,7 @@ const $ = (id) => document.getElementById(id);
 let token = sessionStorage.getItem(TOKEN_KEY) || "";
 let currentId = null; // the job shown in the "Current video" panel
 let stream = null; // its EventSource
-const verified = new Map(); // job id -> /v1/verify result (a finished clip never changes)
+const verified = new Map(); // job id -> promise of its /v1/verify result (a clip never changes)
 
 class ApiError extends Error {
   constructor(status, error, retryAfter) {
@@ -337,21 +337,20 @@ function renderVerification(box, v) {
 
 let verifyQueue = Promise.resolve();
 function verify(job, box) {
-  if (verified.has(job.id)) return renderVerification(box, verified.get(job.id));
   box.replaceChildren(el("dd", { textContent: "verifying…" }));
-  // One verification at a time: each decodes a clip on the cluster.
-  verifyQueue = verifyQueue.then(async () => {
-    try {
-      const v = await api("/v1/verify", {
-        method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ video_id: job.id }),
-      });
-      verified.set(job.id, v);
-      renderVerification(box, v);
-    } catch (e) {
-      box.replaceChildren(el("dd", { textContent: `verification failed: ${describeError(e)}` }));
-      box.dataset.state = "error";
-    }
+  if (!verified.has(job.id)) {
+    // One verification at a time (each decodes a clip on the cluster), each asked once.
+    const answer = verifyQueue.then(() => api("/v1/verify", {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ video_id: job.id }),
+    }));
+    verifyQueue = answer.catch(() => {});
+    verified.set(job.id, answer);
+    answer.catch(() => verified.delete(job.id)); // a failed check may be retried on refresh
+  }
+  verified.get(job.id).then((v) => renderVerification(box, v), (e) => {
+    box.replaceChildren(el("dd", { textContent: `verification failed: ${describeError(e)}` }));
+    box.dataset.state = "error";
   });
 }
 
@@ -394,7 +393,7 @@ async function refreshGallery() {
     $("gallery").replaceChildren(...list.data.map(galleryItem));
     if (!list.data.length) $("gallery").append(el("li", { className: "hint", textContent: "No videos yet." }));
   } catch (e) {
-    showError($("err-gallery"), describeError(e));
+    showError(e.status === 401 ? $("err-token") : $("err-gallery"), describeError(e));
   }
 }
 
