@@ -97,7 +97,7 @@ def check_field_error(page, field_id: str, error_id: str, *needles: str) -> str:
 
 def bad_requests_show_their_field(page) -> None:
     """A 422 for size "33x7" lands under Size; a blocked prompt shows its category under Prompt;
-    neither starts a job."""
+    an unreadable image is explained under the image field; none starts a job."""
     page.get_by_label("Prompt", exact=True).fill("a red ball falling")
     page.get_by_label("Size (W×H)").fill("33x7")
     page.get_by_role("button", name="Generate").click()
@@ -109,6 +109,16 @@ def bad_requests_show_their_field(page) -> None:
     page.get_by_role("button", name="Generate").click()
     check_field_error(page, "prompt", "err-prompt", "blocked", "graphic_violence")
     assert page.locator("#err-size").is_hidden() and page.locator("#job").is_hidden()
+
+    # The first-frame image travels as a data: URL (input_reference); an unreadable one is
+    # explained under the file field.
+    page.get_by_label("Prompt", exact=True).fill("a red ball falling")
+    page.get_by_label("First frame (optional image: image-to-video)").set_input_files(
+        files=[{"name": "broken.png", "mimeType": "image/png", "buffer": b"not a png"}])
+    page.get_by_role("button", name="Generate").click()
+    check_field_error(page, "image", "err-input_reference", "PNG")
+    page.get_by_label("First frame (optional image: image-to-video)").set_input_files([])
+    assert page.locator("#job").is_hidden()
 
 
 def render_a_clip(page) -> dict:
