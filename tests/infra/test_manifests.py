@@ -146,14 +146,15 @@ def test_render_check_notices_drift(tmp_path, monkeypatch):
     assert render.main([]) == 0 and render.main(["--check"]) == 0
 
 
-def test_serve_config_validates_and_names_real_deployments(monkeypatch):
+@pytest.mark.parametrize("name", ["rayservice.yaml", "local.yaml"])
+def test_serve_config_validates_and_names_real_deployments(name, monkeypatch):
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.build_app import build_app
     from ray.serve.schema import ServeDeploySchema
 
     monkeypatch.setenv("CINERAY_API_TOKEN", "test-token")  # else build() prints a new one
-    config = ServeDeploySchema.model_validate(_serve_config())
-    assert config.proxy_location == "EveryNode" and config.http_options.host == "0.0.0.0"
+    raw = _serve_config() if name == "rayservice.yaml" else _load(INFRA / "serve" / name)
+    config = ServeDeploySchema.model_validate(raw)
     for app in config.applications:
         module, attr = app.import_path.split(":")
         builder = getattr(importlib.import_module(module), attr)
@@ -163,6 +164,23 @@ def test_serve_config_validates_and_names_real_deployments(monkeypatch):
         names = {d.name for d in built.deployments}
         assert STAGES <= names
         assert {d.name for d in app.deployments} <= names
+
+
+def test_rayservice_serves_on_the_ports_its_pods_open():
+    serve = _serve_http(_serve_config())
+    spec = _manifest("rayservice.yaml")["spec"]["rayClusterConfig"]
+    ports = {p["name"]: p["containerPort"]
+             for p in spec["headGroupSpec"]["template"]["spec"]["containers"][0]["ports"]}
+    assert serve == ("0.0.0.0", ports["serve"]) and ports["dashboard"] == 8265
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"  # replicas on workers
+
+
+def _serve_http(raw: dict) -> tuple[str, int]:
+    from ray.serve.schema import ServeDeploySchema
+
+    config = ServeDeploySchema.model_validate(raw)
+    assert config.proxy_location == "EveryNode"  # every node answers behind the k8s Service
+    return config.http_options.host, config.http_options.port
 
 
 def test_serve_replicas_fit_the_worker_groups(monkeypatch):
