@@ -318,6 +318,32 @@ def test_dockerfile_paths_exist():
     assert any(ln == f"COPY checkpoints/cineray-tiny {ckpt}" for ln in lines)
 
 
+def _pod_specs(node, path=()):
+    """Every pod spec (`template.spec`) inside a manifest, with where it sits."""
+    if isinstance(node, dict):
+        if "containers" in node:
+            yield path, node
+        for k, v in node.items():
+            yield from _pod_specs(v, (*path, k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from _pod_specs(v, (*path, i))
+
+
+@pytest.mark.parametrize("name", RAY_MANIFESTS)
+def test_no_volume_hides_the_weights(name):
+    """A volume mounted at or above the weights folder would hide the baked-in weights (and the
+    app would fall back to random ones with only a warning)."""
+    weights = Path(_serve_config()["applications"][0]["args"]["checkpoint"])
+    for where, pod in _pod_specs(_manifest(name)):
+        for c in pod["containers"]:
+            for m in c.get("volumeMounts", []):
+                mount = Path(m["mountPath"])
+                assert mount != weights and mount not in weights.parents, (where, m)
+            env = {e["name"]: e.get("value") for e in c.get("env", [])}
+            assert env.get("CINERAY_WEIGHTS_DIR", str(weights)) == str(weights), where
+
+
 def test_manifests_use_one_image_and_this_ray_version():
     images = set()
     for name in RAY_MANIFESTS:
