@@ -53,6 +53,7 @@ class BatchSummary:
     clips_per_minute: float  # rendered / minutes
     denoise_idle_fraction: float | None  # of the denoiser actors' time since they were ready
     denoise_actors: int
+    steady_clips_per_minute: float = 0.0  # rendered / (last MP4 written - first row denoised)
     failures: dict[str, str] = field(default_factory=dict)  # row_id -> reason
 
     def line(self) -> str:
@@ -128,12 +129,17 @@ def write_manifest(storage: Storage, out: str, rows: list[dict]) -> str:
 def summarize(rows: list[dict], manifest: str, seconds: float) -> BatchSummary:
     count = {s: sum(r["status"] == s for r in rows) for s in ("done", "blocked", "failed")}
     rendered = sum(r["status"] == "done" and not r["resumed"] for r in rows)
-    idle, actors = denoise_idle([json.loads(r["trace"]) for r in rows if r.get("trace")])
+    traces = [json.loads(r["trace"]) for r in rows if r.get("trace")]
+    idle, actors = denoise_idle(traces)
+    starts = [t["denoise"][2] for t in traces if "denoise" in t]
+    ends = [t["package"][3] for t in traces if "package" in t]
+    steady = (max(ends) - min(starts)) if starts and ends else 0.0
     return BatchSummary(
         manifest=manifest, rows=len(rows), done=count["done"], rendered=rendered,
         blocked=count["blocked"], failed=count["failed"], seconds=seconds,
         clips_per_minute=60.0 * rendered / max(seconds, 1e-9), denoise_idle_fraction=idle,
         denoise_actors=actors,
+        steady_clips_per_minute=60.0 * rendered / steady if steady > 0 else 0.0,
         failures={r["row_id"]: r["reason"] for r in rows if r["status"] == "failed"})
 
 

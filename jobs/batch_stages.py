@@ -35,17 +35,21 @@ class _Stage:
     name = "stage"
     needs_components = True
 
-    def __init__(self, config: CinerayConfig, out: str, device: str = "cpu"):
+    def __init__(self, config: CinerayConfig, out: str, device: str = "cpu", components=None):
+        """components: already loaded ones to share (one process running every stage, as the
+        tests do); None: load them (each actor loads its own copy)."""
         import torch
 
         cfg = config.batch
         torch.set_num_threads(cfg.threads)  # actors share the machine's cores
-        self.config, self.cfg, self.out, self.components = config, cfg, out, None
+        self.config, self.cfg, self.out, self.components = config, cfg, out, components
         self.storage = Storage(config.storage)
-        if self.needs_components:
+        if self.needs_components and components is None:
             from cineray.pipelines.stages import Components
 
             kwargs = {"preset": cfg.preset, "device": device}
+            if self.name != "encode_text":
+                kwargs["text"] = LazyText(cfg.preset, device)
             self.components = (Components.load(cfg.checkpoint, **kwargs) if cfg.checkpoint
                                else Components.load(**kwargs))
         self.actor = f"{self.name}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
@@ -73,6 +77,19 @@ class _Stage:
 
     def step(self, row: dict[str, Any], state: dict[str, Any]) -> None:
         raise NotImplementedError
+
+
+class LazyText:
+    """The shared text encoder, loaded on first use: only the text stage encodes prompts, so
+    the other stages' actors skip loading MiniLM (measured: most of an actor's start-up)."""
+
+    def __init__(self, preset: str, device: str):
+        self.preset, self.device = preset, device
+
+    def __call__(self, prompts):
+        from cineray.pipelines.stages import shared_text_encoder
+
+        return shared_text_encoder(self.preset, str(self.device))(prompts)
 
 
 def _add_json(row: dict, column: str, key: str, value) -> None:
@@ -152,8 +169,9 @@ class Denoise(_Stage):
 
     name = "denoise"
 
-    def __init__(self, config, out):
-        super().__init__(config, out, "cuda" if config.batch.denoise.num_gpus > 0 else "cpu")
+    def __init__(self, config, out, components=None):
+        device = "cuda" if config.batch.denoise.num_gpus > 0 else "cpu"
+        super().__init__(config, out, device, components)
         from cineray.pipelines.generate import manifest_info
         from cineray.pipelines.stages import GenerationRequest
 
@@ -206,8 +224,9 @@ class Upscale(_Stage):
 
     name = "upscale"
 
-    def __init__(self, config, out):
-        super().__init__(config, out, "cuda" if config.batch.upscale.num_gpus > 0 else "cpu")
+    def __init__(self, config, out, components=None):
+        device = "cuda" if config.batch.upscale.num_gpus > 0 else "cpu"
+        super().__init__(config, out, device, components)
 
     def step(self, row, state):
         from cineray.pipelines.generate import Timer, finish
