@@ -62,12 +62,19 @@ class StageCounters:
 
     def __init__(self):
         self.counts: dict[str, int] = {}
+        self.busy: dict[str, int] = {}  # replica tag -> calls it is running
 
-    def add(self, stage: str, n: int = 1) -> None:
+    def add(self, stage: str, n: int = 1, replica: str | None = None, running: int = 0) -> None:
         self.counts[stage] = self.counts.get(stage, 0) + n
+        if replica is not None:
+            self.busy[replica] = self.busy.get(replica, 0) + running
 
     def get(self) -> dict[str, int]:
         return dict(self.counts)
+
+    def running(self) -> list[str]:
+        """Replicas in the middle of a call (stages that report it: the Denoiser)."""
+        return sorted(r for r, n in self.busy.items() if n > 0)
 
 
 def stage_counters(app_name: str = "cineray"):
@@ -183,10 +190,15 @@ class Denoiser(_Stage):
         """-> {"latents": (1, C, T', h, w), "replica", "seconds", "level", "index"}."""
         from cineray.pipelines.stages import denoise_window
 
-        self._count()
+        tag = replica_tag()
+        self._counters.add.remote(self.stage, 1, tag, 1)
+        _Stage._calls.inc(1, tags={"stage": self.stage})
         t0 = time.perf_counter()
-        z = denoise_window(self.c, request, text, window, keyframes, seed)
-        return {"latents": z, "replica": replica_tag(), "seconds": time.perf_counter() - t0,
+        try:
+            z = denoise_window(self.c, request, text, window, keyframes, seed)
+        finally:
+            self._counters.add.remote(self.stage, 0, tag, -1)
+        return {"latents": z, "replica": tag, "seconds": time.perf_counter() - t0,
                 "level": window.level, "index": window.index}
 
 

@@ -17,6 +17,7 @@ record (jobstore.py) gets progress, per-stage timings and which replica ran whic
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -27,13 +28,21 @@ import numpy as np
 import ray
 from ray import serve
 from ray.serve import metrics
+from ray.serve.exceptions import RayServeException
 
 from cineray.cluster.jobstore import TERMINAL, JobStore
 
 logger = logging.getLogger("ray.serve")
 # A replica (or its node) died while holding the request: safe to send the window again.
+# (Serve's router already resends a request whose replica died; these are what reaches us when
+# it cannot, e.g. the Denoiser died under a Decoder call waiting on its output.)
 RETRYABLE = (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError,
              ray.exceptions.ObjectLostError)
+
+
+def retryable(e: BaseException) -> bool:
+    return isinstance(e, RETRYABLE) or (isinstance(e, RayServeException)
+                                        and isinstance(e.__cause__, RETRYABLE))
 
 
 class Cancelled(Exception):
@@ -224,15 +233,17 @@ class _Job:
 
         pending = [self.submit(request, text, w, keyframes) for w in plan.windows]
         blender = Blender(plan)
-        try:
-            for i, w in enumerate(plan.windows):
+        for i, w in enumerate(plan.windows):
+            try:
                 out = self.wait_window(request, text, w, keyframes, pending[i])
-                with self.timer("blend"):
-                    done = blender.add(w, out["video"])
-                yield done
-        finally:  # cancelled or failed: stop the windows still queued or running
-            for response in pending:
-                response.cancel()
+            except BaseException:  # cancelled or failed: stop the windows still to come
+                for response in pending[i + 1 :]:
+                    with contextlib.suppress(Exception):
+                        response.cancel()
+                raise
+            with self.timer("blend"):
+                done = blender.add(w, out["video"])
+            yield done
 
     def submit(self, request, text, window, keyframes):
         denoised = self.h["Denoiser"].denoise.remote(request, text, window, keyframes,
@@ -247,7 +258,9 @@ class _Job:
                 with self.timer("wait_" + stage):
                     out = response.result()
                 break
-            except RETRYABLE as e:
+            except Exception as e:
+                if not retryable(e):
+                    raise
                 if attempt > self.o.retries:
                     raise RuntimeError(f"window {window.level}/{window.index} failed "
                                        f"{attempt} times; last: {e}") from e

@@ -189,33 +189,39 @@ def test_killed_denoiser_replica_loses_nothing(served, client, ray_cluster):
     from cineray.pipelines.generate import generate
     from cineray.pipelines.stages import Components, GenerationRequest
 
-    body = {"prompt": "a green circle moving right", "frames": 65, "steps": 12, "seed": 5}
+    # 60 steps: each window runs long enough (about a second) for the kill to land mid-window
+    body = {"prompt": "a green circle moving right", "frames": 65, "steps": 60, "seed": 5}
+    calls = _counters(ray_cluster).get("denoise", 0)
     job_id = client.post("/v1/videos", json=body).json()["id"]
-    end = time.monotonic() + 120
-    while time.monotonic() < end:  # the keyframe pass is done: the 4 windows are out
-        job = client.get(f"/v1/videos/{job_id}").json()
-        if any(w["level"] == 1 for w in job["windows"]) or job["status"] != "in_progress":
-            break
+    counters = ray_cluster.get_actor("cineray-stage-counters-cineray", namespace="cineray")
+    end, busy = time.monotonic() + 120, []
+    while time.monotonic() < end and len(busy) < 2:  # both replicas are running a window
+        busy = ray_cluster.get(counters.running.remote())
         time.sleep(0.05)
+    assert len(busy) == 2, busy
     names = [a for a in ray_cluster.util.list_named_actors(all_namespaces=True)
-             if "Denoiser" in a["name"]]
-    assert len(names) == 2, names
+             if "Denoiser" in a["name"] and a["name"].endswith(busy[0])]
+    assert len(names) == 1, names
     ray_cluster.kill(ray_cluster.get_actor(names[0]["name"], namespace=names[0]["namespace"]),
                      no_restart=True)
     job = _wait(client, job_id)
     assert job["status"] == "completed", job["error"]
     keys = sorted((w["level"], w["index"]) for w in job["windows"])
     assert keys == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]  # each window once
-    assert any(w["attempts"] > 1 for w in job["windows"]), job["windows"]  # one was resent
+    # The killed replica's window was sent again (by Serve's router, or by the orchestrator,
+    # which counts its own resends in `attempts`): more denoise calls than windows.
+    assert _counters(ray_cluster)["denoise"] - calls > 5
     video, _ = read_mp4(client.get(f"/v1/videos/{job_id}/content").content)
     # Nothing lost or duplicated: frame i matches frame i of the same clip rendered in one
     # process (up to the watermark and H.264), and no other frame.
     comps = Components.load(served[1])
-    ref = generate(comps, GenerationRequest(body["prompt"], seed=5, frames=65, steps=12)).frames
+    ref = generate(comps, GenerationRequest(body["prompt"], seed=5, frames=65, steps=60)).frames
     diff = np.abs(video[:, None].astype(np.float32) - ref[None].astype(np.float32))
     mae = diff.mean(axis=(2, 3, 4))  # (65, 65): decoded frame x reference frame
     assert (mae.argmin(axis=1) == np.arange(65)).all()
-    assert mae.diagonal().max() < 4.0, mae.diagonal().max()
+    # Random weights render noise, which H.264 + the watermark change by ~15 levels on average
+    # (measured in one process too); other frames of the clip are 18-38 levels away.
+    assert mae.diagonal().max() < 20, mae.diagonal().max()
 
 
 @pytest.mark.slow
@@ -234,3 +240,44 @@ def test_burst_above_queue_limit_gets_fast_429s(client):
         assert r.json()["error"]["code"] == "queue_full" and dt < 2.0
     for job_id in admitted:
         assert _wait(client, job_id)["status"] == "completed"
+
+
+def test_multipart_image_to_video_with_callback(client):
+    """A form upload (input_reference as a file) and the completion webhook."""
+    import http.server
+    import io
+    import threading
+
+    from PIL import Image
+
+    received = []
+
+    class Hook(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    hook = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=hook.serve_forever, daemon=True).start()
+    png = io.BytesIO()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(png, format="PNG")
+    r = client.post("/v1/videos", data={
+        "prompt": "a red square moving right", "frames": "5", "steps": "2",
+        "callback_url": f"http://127.0.0.1:{hook.server_port}/done"},
+        files={"input_reference": ("first.png", png.getvalue(), "image/png")})
+    assert r.status_code == 202, r.text
+    job = _wait(client, r.json()["id"])
+    assert job["status"] == "completed", job["error"]
+    assert job["request"]["input_reference"].endswith("input.png")
+    video, _ = read_mp4(client.get(f"/v1/videos/{job['id']}/content").content)
+    assert video.shape == (5, 32, 32, 3)
+    end = time.monotonic() + 10
+    while not received and time.monotonic() < end:
+        time.sleep(0.1)
+    hook.shutdown()
+    assert received and received[0]["id"] == job["id"]
+    assert received[0]["status"] == "completed"
