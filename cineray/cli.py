@@ -178,8 +178,11 @@ def render(
     checkpoint: Annotated[str | None, typer.Option(help="Exported components folder.")] = None,
     out: Annotated[str | None, typer.Option(help="Output MP4 (default cineray-data/renders/).")] = None,
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 1,
+    in_process: Annotated[bool, typer.Option(
+        "--in-process", help="Render in this process instead of on a local Ray Serve app.")] = False,
 ) -> None:
-    """Render a clip in this process and print the MP4's path."""
+    """Render a clip and print the MP4's path: starts a local Ray cluster, deploys the serving
+    app, sends the request over HTTP and follows its progress (--in-process: one process)."""
     import os
 
     import torch
@@ -196,13 +199,57 @@ def render(
     if checkpoint and not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a folder; give the folder "
                                 f"holding vae/, denoiser/, upscaler_spatial/, upscaler_temporal/")
+    if out and "://" not in out:
+        out = os.path.abspath(out)  # relative to the working directory, not the storage root
+    if not in_process:
+        import ray
+
+        from cineray.cluster.local import render_on_cluster
+
+        if not ray.is_initialized():  # a private local cluster (never someone else's); the
+            # replicas' logs stay in Ray's log files, not the terminal
+            ray.init(address="local", logging_level="WARNING", log_to_driver=False)
+        typer.echo(render_on_cluster(request, checkpoint, out,
+                                     lambda m: typer.echo(m, err=True)))
+        return
     if threads > 0:  # the tiny models gain little from threads; on a busy 2-core machine a
         torch.set_num_threads(threads)  # 33-frame render took 12 s with 1 thread, 129 s with 2
     components = Components.load(checkpoint) if checkpoint else Components.load()
-    if out and "://" not in out:
-        out = os.path.abspath(out)  # relative to the working directory, not the storage root
     path, _ = g.render_to_file(components, request, out)
     typer.echo(path)
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port.")] = 8000,
+    checkpoint: Annotated[str | None, typer.Option(help="Exported components folder.")] = None,
+    storage_root: Annotated[str, typer.Option(help="Local folder or s3://bucket/prefix.")] = "cineray-data",
+    token: Annotated[str | None, typer.Option(
+        help="API token (default: $CINERAY_API_TOKEN, else a generated one).")] = None,
+    denoisers: Annotated[int, typer.Option(help="Most Denoiser replicas (autoscaled).")] = 2,
+    queue_limit: Annotated[int, typer.Option(help="Unfinished jobs before 429s.")] = 8,
+) -> None:
+    """Serve the HTTP API on a local Ray cluster (Ray Serve); prints the URL and the API token,
+    blocks until Ctrl-C."""
+    import time
+
+    from cineray.cluster.app import AppArgs
+    from cineray.cluster.local import deploy
+
+    args = AppArgs(checkpoint=checkpoint, storage_root=storage_root, token=token,
+                   denoiser_max_replicas=denoisers, queue_limit=queue_limit)
+    start_ray()
+    url, key = deploy(args, host, port)
+    typer.echo(f"cineray is serving at {url}  (API docs: {url}/docs)")
+    typer.echo(f"API token: {key}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve as ray_serve
+
+        ray_serve.delete("cineray")  # only this app: the cluster may serve others
 
 
 @app.command()

@@ -115,11 +115,10 @@ def request_body(request) -> dict:
 def render_on_cluster(request, checkpoint: str | None = None, out: str | None = None,
                       log: Callable[[str], None] = print) -> str:
     """Deploy the app on the running (local) Ray cluster, render `request` over HTTP, write
-    the MP4 (default: renders/... under the storage root); its absolute URI. Shuts Serve down
-    afterwards. An upscaler the request does not use is never started (scaled to zero)."""
+    the MP4 (default: renders/... under the storage root); its absolute URI. The app stays
+    deployed (the caller owns the cluster). An upscaler the request does not use is never
+    started (scaled to zero)."""
     import secrets
-
-    from ray import serve
 
     from cineray.pipelines.generate import default_render_path
     from cineray.storage import Storage
@@ -128,22 +127,19 @@ def render_on_cluster(request, checkpoint: str | None = None, out: str | None = 
     args = AppArgs(checkpoint=checkpoint, token=secrets.token_urlsafe(16),
                    denoiser_max_replicas=1, max_replicas=1,
                    upscaler_min_replicas=0 if request.upscale == "none" else 1)
-    try:
-        url, token = deploy(args, port=free_port())
-        log(f"deployed the serving app at {url} in {time.perf_counter() - t0:.1f} s")
-        last = [None]
+    url, token = deploy(args, port=free_port())
+    log(f"deployed the serving app at {url} in {time.perf_counter() - t0:.1f} s")
+    last = [None]
 
-        def show(event: str, data: dict) -> None:
-            line = (f"{event}: {data.get('progress', 100)}% {data.get('stage', '')}"
-                    if event == "progress" else f"{event}")
-            if line != last[0]:
-                log(line)
-                last[0] = line
+    def show(event: str, data: dict) -> None:
+        line = (f"{event}: {data.get('progress', 100)}% {data.get('stage', '')}"
+                if event == "progress" else f"{event}")
+        if line != last[0]:
+            log(line)
+            last[0] = line
 
-        job, data = Client(url, token).render(request_body(request), show)
-        path = Storage().write_bytes(out or default_render_path(request), data)
-        log(f"job {job['id']}: {job['timings'].get('total', 0):.1f} s in the cluster, "
-            f"{time.perf_counter() - t0:.1f} s end to end")
-        return path
-    finally:
-        serve.shutdown()
+    job, data = Client(url, token).render(request_body(request), show)
+    path = Storage().write_bytes(out or default_render_path(request), data)
+    log(f"job {job['id']}: {job['timings'].get('total', 0):.1f} s in the cluster, "
+        f"{time.perf_counter() - t0:.1f} s since deploying")
+    return path
