@@ -205,6 +205,9 @@ def render(
         import ray
 
         from cineray.cluster.local import render_on_cluster
+        from cineray.pipelines.safety import check_prompt
+
+        check_prompt(request.prompt).raise_if_blocked()  # refused before any cluster starts
 
         if not ray.is_initialized():  # a private local cluster (never someone else's); the
             # replicas' logs stay in Ray's log files, not the terminal

@@ -20,7 +20,7 @@ def test_render_writes_the_mp4_and_prints_its_path(components, tmp_path, image):
         "render", "a red ball falling", "--frames", "5", "--fps", "8", "--seed", "3",
         "--camera", "pan_left", "--focal-length", "35", "--negative-prompt", "blur",
         "--image", str(tmp_path / "card.png"), "--steps", "1", "--checkpoint", str(tmp_path),
-        "--out", str(out)])
+        "--out", str(out), "--in-process"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     frames, fps = read_mp4(out.read_bytes())
