@@ -158,15 +158,17 @@ class Planner(_Stage):
         self._setup()
         self.c = components(checkpoint)
 
-    def check(self, request) -> str | None:
-        """None when the components can render `request`, else the error message."""
+    def check(self, request) -> dict:
+        """{"error": None, "plan": WindowPlan} when the components can render `request`, else
+        {"error": message, "plan": None}. The ingress asks at admission and hands the plan to
+        the orchestrator (one round trip fewer per job)."""
         from cineray.pipelines.generate import check_request
 
         try:
             check_request(self.c, request)
         except ValueError as e:
-            return str(e)
-        return None
+            return {"error": str(e), "plan": None}
+        return {"error": None, "plan": self.plan(request)}
 
     def plan(self, request):
         from cineray.pipelines.windows import plan_windows

@@ -29,7 +29,7 @@ from cineray.cluster.api import ApiError
 from cineray.cluster.jobstore import TERMINAL, JobStore, new_job, new_job_id
 
 logger = logging.getLogger("ray.serve")
-SSE_POLL_S = 0.2
+SSE_POLL_S = 0.05  # a local record read; keeps the end of a job visible at once
 
 
 @serve.ingress()
@@ -81,14 +81,16 @@ class Ingress:
         except ApiError:
             self.m_rejections.inc(tags={"reason": "over_budget"})
             raise
-        verdict = await self.h["SafetyFilter"].check.remote(req.prompt)
+        # Safety and the planner's checks at once (the plan never starts a render by itself).
+        verdict, planned = await asyncio.gather(self.h["SafetyFilter"].check.remote(req.prompt),
+                                                self.h["Planner"].check.remote(gen))
         if not verdict["allowed"]:
             self.m_rejections.inc(tags={"reason": "blocked_prompt"})
             raise ApiError(400, f"prompt blocked by the safety filter (category: "
                            f"{verdict['category']}); rephrase the prompt", param="prompt",
                            code="blocked_prompt", category=verdict["category"])
-        problem = await self.h["Planner"].check.remote(gen)
-        if problem:
+        if planned["error"]:
+            problem = planned["error"]
             raise ApiError(422, problem, param=api.param_of(problem), code="invalid_value")
         image = None
         if image_bytes is not None or req.input_reference is not None:
@@ -104,7 +106,7 @@ class Ingress:
                       fps=record["fps"] * (2 if req.upscale == "full" else 1),
                       seconds=round(record["frames"] / record["fps"], 3))
         self.jobs.put(job)
-        response = self.h["Orchestrator"].run.remote(job_id)
+        response = self.h["Orchestrator"].run.remote(job_id, planned["plan"])
         self.inflight[job_id] = response
         asyncio.get_running_loop().create_task(self.watch(job_id, response))
         return job

@@ -115,14 +115,16 @@ class Orchestrator:
         return self.remote
 
     # Job ---------------------------------------------------------------------------------------
-    def run(self, job_id: str) -> dict:
+    def run(self, job_id: str, plan=None) -> dict:
+        """plan: the Planner's WindowPlan for the request (the ingress got it at admission);
+        None: asked for here."""
         from cineray.cluster.api import request_from_record
 
         t0 = time.perf_counter()
         job = self.jobs.get(job_id)
         if job["status"] in TERMINAL:
             return job
-        ctx = _Job(self, job)
+        ctx = _Job(self, job, plan)
         try:
             ctx.update(status="in_progress", stage="text", progress=1)
             request = request_from_record(job["request"], self.jobs)
@@ -152,10 +154,11 @@ class Orchestrator:
 class _Job:
     """One job's run: its record, timings and the stream of its windows."""
 
-    def __init__(self, orch: Orchestrator, job: dict):
+    def __init__(self, orch: Orchestrator, job: dict, plan=None):
         from cineray.pipelines.generate import Timer
 
-        self.o, self.h, self.id = orch, orch.h, job["id"]
+        self.o, self.h, self.id, self.plan = orch, orch.h, job["id"], plan
+        self.record = job  # this run is the record's only writer: no read before each write
         self.timer = Timer()
         self.timings = self.timer.seconds  # wall seconds the orchestrator waited per stage
         self.windows: list[dict] = []
@@ -174,7 +177,8 @@ class _Job:
         if check:
             self.check()
         with self.o.lock:
-            self.o.jobs.update(self.id, windows=self.windows, **fields)
+            self.record.update(windows=self.windows, **fields)
+            self.o.jobs.put(self.record)
 
     def progress(self, stage: str, fraction: float) -> None:
         """fraction of this sample in [0, 1]; denoising is most of the work (5..90%)."""
@@ -189,8 +193,10 @@ class _Job:
         self.sample = index
         with self.timer("text"):
             text = self.h["TextEncoder"].encode.remote(request)  # passed on to every window
-        with self.timer("plan"):
-            plan = self.h["Planner"].plan.remote(request).result()
+        plan = self.plan
+        if plan is None or plan.frames != request.frames:
+            with self.timer("plan"):
+                plan = self.h["Planner"].plan.remote(request).result()
         self.total_windows, self.done_windows = len(plan.all_windows()), 0
         first = None
         if request.image is not None:
@@ -199,7 +205,6 @@ class _Job:
         if request.upscale != "none":  # else the preview is the clip itself: packaged once
             base = self._publish_preview_after(request, index, base)
         result = finish(self.o._components(), request, base, request.frames, self.timer, plan)
-        self.progress("package", 0.97)
         with self.timer("package"):
             stored = self.store(result.frames, result.fps, request, f"video_{index}.mp4")
         if self.preview_thread is not None:
