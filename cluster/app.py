@@ -9,8 +9,8 @@ sets, by deployment name. Each stage gets its own autoscaling_config, max_ongoin
 ray_actor_options and a graceful_shutdown_timeout_s longer than its longest step.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve reads build()'s parameter annotation at
+# run time to parse `key=value` arguments into AppArgs.
 import logging
 import os
 import secrets
@@ -87,6 +87,8 @@ def resolve_token(token: str | None) -> str:
 
 def build(args: AppArgs):
     """The cineray Serve application (Ingress at the root)."""
+    if isinstance(args, dict):  # called directly with plain arguments
+        args = AppArgs(**args)
     from cineray.pipelines.weights import DEFAULT_CHECKPOINT
     from cineray.storage import is_s3
 

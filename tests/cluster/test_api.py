@@ -89,10 +89,17 @@ def test_serve_configs_validate(path):
     assert {d.name for d in app.deployments} <= set(STAGE_LIMITS) | {"Ingress", "Orchestrator"}
 
 
-def test_build_binds_every_deployment(tmp_path):
+def test_builder_takes_typed_key_value_args(tmp_path):
+    """`serve run cineray.cluster.app:build key=value`: Serve parses the strings into AppArgs."""
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.deployment import Application
+
     from cineray.cluster.app import AppArgs, build
 
-    app = build(AppArgs(storage_root=str(tmp_path), token="t"))
-    assert app is not None
+    app = call_user_app_builder_with_args_if_necessary(
+        build, {"storage_root": str(tmp_path), "token": "t", "denoiser_max_replicas": "3"})
+    assert isinstance(app, Application)
+    with pytest.raises(Exception, match="queue_limit"):
+        call_user_app_builder_with_args_if_necessary(build, {"queue_limit": "many"})
     with pytest.raises(ValueError, match="denoiser_max_replicas"):
         AppArgs(denoiser_min_replicas=3, denoiser_max_replicas=2)
