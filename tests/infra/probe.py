@@ -7,9 +7,6 @@ starts this probe inside the head's namespace (NamespaceCluster.run_in / exec_ar
 commands over stdin. One long-lived connected driver answers every question, instead of paying
 Ray's import and connect time per question. Commands:
 
-    {"cmd": "deploy", "config": path}              -> {"apps": [name, ...]}
-        starts Serve with the config's http_options/proxy_location and runs each application
-        through its builder (typed args validated as the builder declares them)
     {"cmd": "nodes"}                               -> {"alive": [ip, ...]}
     {"cmd": "replicas"}                            -> {"Deployment": [node ip, ...], ...}
     {"cmd": "wait_app", "app": A, "wait_s": s, "alive_ips": [ip, ...], "counts": {D: n}}
@@ -87,31 +84,8 @@ def http(method: str, url: str, json_body=None, headers=None, timeout: float = 3
             "size": len(body), "sha256": hashlib.sha256(body).hexdigest(), "head": body[:16].hex()}
 
 
-def deploy(path: str) -> dict:
-    import importlib
-    import typing
-
-    import yaml
-    from ray import serve
-
-    cfg = yaml.safe_load(open(path))
-    serve.start(http_options=cfg.get("http_options", {}),
-                proxy_location=cfg.get("proxy_location", "EveryNode"))
-    names = []
-    for app in cfg["applications"]:
-        module, attr = app["import_path"].split(":")
-        builder = getattr(importlib.import_module(module), attr)
-        (model,) = [t for k, t in typing.get_type_hints(builder).items() if k != "return"]
-        serve.run(builder(model.model_validate(app.get("args", {}))), name=app["name"],
-                  route_prefix=app.get("route_prefix", "/"), blocking=False)
-        names.append(app["name"])
-    return {"apps": names}
-
-
 def handle(msg: dict):
     cmd = msg["cmd"]
-    if cmd == "deploy":
-        return deploy(msg["config"])
     if cmd == "nodes":
         return {"alive": _alive_ips()}
     if cmd == "replicas":

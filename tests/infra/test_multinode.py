@@ -1,23 +1,23 @@
 """The Serve application across two Ray nodes that are separate `ray start` processes in separate
 network namespaces; a render served over HTTP; the worker node stopped; the app still answering.
 
-The deployment is infra/serve/local.yaml's application (its http_options, proxy location and
-builder args), with one change: the storage root points at this test's temp folder (both nodes
-share this machine's filesystem, as nodes of a real cluster share an S3 bucket). It goes through
-the typed builder (cineray.cluster.app:build); test_manifests checks the config-file path. Every wait is bounded, and the namespaces and Ray processes are removed on
+The deployment is `serve run` of infra/serve/local.yaml as shipped, with one change: its storage
+root points at this test's temp folder (both nodes share this machine's filesystem, as nodes of
+a real cluster share an S3 bucket). Every wait is bounded, and the namespaces and Ray processes are removed on
 any exit (tests/infra/netns.py). The probe inside the head's namespace does the HTTP and Ray
 queries (the test's own process cannot reach the namespaces).
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.infra.netns import HEAD_IP, NamespaceCluster, netns_available, worker_ip
+from tests.infra.netns import GCS_PORT, HEAD_IP, NamespaceCluster, netns_available, worker_ip
 
 ROOT = Path(__file__).resolve().parents[2]
 LOCAL_YAML = ROOT / "infra" / "serve" / "local.yaml"
@@ -90,8 +90,10 @@ def test_app_survives_losing_a_worker_node(tmp_path):
             assert alive == sorted([HEAD_IP, worker_ip(0)])
             marks["nodes_up"] = time.monotonic() - t0
 
-            # 1. Deploy local.yaml's application across both nodes through the typed builder.
-            probe.call(DEPLOY_S, cmd="deploy", config=str(_config(tmp_path)))
+            # 1. Deploy the Serve config across both nodes, the operator's way.
+            serve = str(Path(sys.executable).with_name("serve"))
+            cluster.run_in("head", [serve, "run", str(_config(tmp_path)), "--non-blocking",
+                                    "--address", f"{HEAD_IP}:{GCS_PORT}"], timeout=DEPLOY_S)
             before = probe.call(DEPLOY_S + 30, cmd="wait_app", app="cineray", wait_s=DEPLOY_S,
                                 alive_ips=alive)
             marks["app_running"] = time.monotonic() - t0
