@@ -13,13 +13,14 @@ class PoolConfig:
     """One stage's Ray Data actor pool: it starts with `min` actors and grows towards `max`
     while rows wait in front of it (Ray Data's autoscaling actor pool).
 
-    num_cpus: CPUs reserved per actor; fractional, because whole CPUs per actor starved a
-        2-CPU cluster (the pools then leave nothing for the tasks feeding them).
+    num_cpus: CPUs reserved per actor; fractional, so that every pool fits a small cluster:
+        Ray Data starts each pool's `min` actors up front and a pool whose actor cannot be
+        placed stalls the whole stream (seen: whole-CPU actors on a 2-CPU cluster hung).
     num_gpus: GPUs per actor (denoise and upscale only; 0 on CPU clusters)."""
 
     min: int = 1
     max: int = 1
-    num_cpus: float = 0.25
+    num_cpus: float = 0.2
     num_gpus: float = 0.0
 
     def check(self, name: str) -> None:

@@ -30,12 +30,13 @@ import pyarrow.parquet as pq
 
 from cineray.config import CinerayConfig, load_config
 from cineray.jobs.batch_rows import MANIFEST_COLUMNS, ROW_SCHEMA, read_rows
-from cineray.jobs.batch_stages import Decode, Denoise, Package, TextEncode, Upscale, check_batch
+from cineray.jobs.batch_stages import CheckRows, Decode, Denoise, Package, TextEncode, Upscale
 from cineray.pipelines.provenance import SigningConfig
 from cineray.storage import Storage
 
 STAGES = (("text", TextEncode), ("denoise", Denoise), ("decode", Decode),
           ("upscale", Upscale), ("package", Package))
+CHECK_CPUS = 0.1  # the row checker: validation, safety filter, image reads, exists()
 INPUT_SCHEMA = pa.schema([("row_id", pa.string()), ("raw", pa.string()), ("error", pa.string())])
 
 
@@ -72,8 +73,11 @@ def build_dataset(items: list[dict], config: CinerayConfig, out: str):
     # One table per row (not repartition(): its split tasks want a whole CPU, which the
     # actor pools may hold, and the job would wait forever).
     ds = ray.data.from_arrow([pa.Table.from_pylist([item], schema=INPUT_SCHEMA) for item in items])
-    ds = ds.map_batches(check_batch, fn_args=(config, out), batch_format="pyarrow",
-                        batch_size=1, num_cpus=config.batch.package.num_cpus)
+    # An actor too (not tasks): once every pool's actors are placed, nothing in the stream
+    # waits for CPUs the pools hold (tasks did, and the job hung).
+    ds = ds.map_batches(CheckRows, fn_constructor_args=(config, out), batch_format="pyarrow",
+                        batch_size=1, num_cpus=CHECK_CPUS,
+                        compute=ray.data.ActorPoolStrategy(size=1))
     for name, stage in STAGES:
         pool = getattr(config.batch, name)
         ds = ds.map_batches(
@@ -90,6 +94,7 @@ def run_batch(prompts: str, out: str, config: CinerayConfig, log=print) -> Batch
     storage = Storage(config.storage)
     out = storage.resolve(out)
     config = _shared_signing(config)
+    check_resources(config)
     rows = read_rows(storage, prompts)
     items = [{"row_id": r["row_id"], "raw": None if r["raw"] is None else json.dumps(r["raw"]),
               "error": r["error"]} for r in rows]
@@ -104,6 +109,23 @@ def run_batch(prompts: str, out: str, config: CinerayConfig, log=print) -> Batch
     ordered = [results[r["row_id"]] for r in rows]  # every input row comes out exactly once
     manifest = write_manifest(storage, out, ordered)
     return summarize(ordered, manifest, seconds)
+
+
+def check_resources(config: CinerayConfig, log=print) -> None:
+    """Every pool's `min` actors must fit the cluster's CPUs at once, else the stream stalls
+    waiting for an actor that is never placed; pools grow towards `max` only into free CPUs."""
+    import ray
+
+    pools = [getattr(config.batch, name) for name, _ in STAGES]
+    need = CHECK_CPUS + sum(p.min * p.num_cpus for p in pools)
+    most = CHECK_CPUS + sum(p.max * p.num_cpus for p in pools)
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        raise ValueError(f"the batch pools need {need:g} CPUs at their min sizes but the cluster "
+                         f"has {have:g}; lower batch.<stage>.min or batch.<stage>.num_cpus")
+    if most > have:
+        log(f"batch: the pools at their max sizes would need {most:g} CPUs, the cluster has "
+            f"{have:g}: they grow only as far as CPUs are free")
 
 
 def _shared_signing(config: CinerayConfig) -> CinerayConfig:

@@ -1,7 +1,7 @@
 """The batch job's stages: Ray Data callable classes over the same stage functions that the
 Serve deployments wrap (cineray.pipelines.stages, generate, provenance).
 
-    CheckRows (tasks)  -> TextEncode -> Denoise -> Decode -> Upscale -> Package (actor pools)
+    CheckRows -> TextEncode -> Denoise -> Decode -> Upscale -> Package (actor pools)
 
 Every stage takes and returns pyarrow blocks of batch_rows.ROW_SCHEMA. Rows whose status is not
 "pending" pass through untouched; an exception while rendering a row fails that row only (its
@@ -99,8 +99,8 @@ def _add_json(row: dict, column: str, key: str, value) -> None:
 
 
 class CheckRows:
-    """Validate rows, run the safety filter, load images, skip rows whose MP4 exists (a task,
-    not an actor: it holds no model). Input rows: {"row_id", "raw" (JSON), "error"}."""
+    """Validate rows, run the safety filter, load images, skip rows whose MP4 exists (no
+    model: a light actor). Input rows: {"row_id", "raw" (JSON), "error"}."""
 
     def __init__(self, config: CinerayConfig, out: str):
         self.config, self.cfg, self.out = config, config.batch, out
@@ -136,11 +136,6 @@ class CheckRows:
                    frames=record.get("frames", row.get("frames")),
                    fps=record.get("fps", row.get("fps")),
                    timings=json.dumps(record.get("timings") or {}))
-
-
-def check_batch(batch: pa.Table, config: CinerayConfig, out: str) -> pa.Table:
-    """CheckRows as a Ray Data task function."""
-    return CheckRows(config, out)(batch)
 
 
 class TextEncode(_Stage):
