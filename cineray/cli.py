@@ -246,6 +246,7 @@ def serve(
     url, key = deploy(args, host, port)
     typer.echo(f"cineray is serving at {url}  (API docs: {url}/docs)")
     typer.echo(f"API token: {key}")
+    sys.stdout.flush()  # seen at once when stdout is a file or a pipe (a log, a supervisor)
     try:
         while True:
             time.sleep(3600)
