@@ -8,7 +8,7 @@ PROMPT ?= a red ball falling and bouncing
 ARGS   ?=
 STAMP  := $(VENV)/.cineray-installed
 
-.PHONY: setup render test test-fast bench lint clean kuberay
+.PHONY: setup system render test test-fast bench lint clean kuberay
 
 setup: $(STAMP)
 
@@ -21,10 +21,20 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[dev]"
 	@touch $(STAMP)
 
+# System packages the tests drive: Debian's Chromium (the playground's browser test; never a
+# downloaded browser) and iproute2 (network namespaces for the multi-node test).
+SYSTEM_PKGS := chromium chromium-driver iproute2
+system:
+	@if ! command -v chromium >/dev/null || ! command -v ip >/dev/null; then \
+	  if ! command -v apt-get >/dev/null; then \
+	    echo "install Chromium and iproute2 with your package manager ($(SYSTEM_PKGS))"; exit 1; fi; \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q $(SYSTEM_PKGS); fi
+
 render: $(STAMP)
 	$(VENV)/bin/cineray render "$(PROMPT)" $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) system
 	$(PY) -m pytest -q $(ARGS)
 
 test-fast: $(STAMP)
