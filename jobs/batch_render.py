@@ -91,6 +91,8 @@ def build_dataset(items: list[dict], config: CinerayConfig, out: str):
 
 def run_batch(prompts: str, out: str, config: CinerayConfig, log=print) -> BatchSummary:
     """Render every admissible row of `prompts` under `out` (needs a running Ray)."""
+    import ray
+
     storage = Storage(config.storage)
     out = storage.resolve(out)
     config = _shared_signing(config)
@@ -101,10 +103,16 @@ def run_batch(prompts: str, out: str, config: CinerayConfig, log=print) -> Batch
     log(f"batch: {len(items)} rows from {storage.resolve(prompts)} -> {out}")
     start = time.time()
     results = {}
-    for batch in build_dataset(items, config, out).iter_batches(batch_format="pyarrow",
-                                                                batch_size=None):
-        for row in batch.drop_columns(["state"]).to_pylist():
-            results[row["row_id"]] = row
+    context = ray.data.DataContext.get_current()
+    block_size, context.target_max_block_size = context.target_max_block_size, 1
+    try:  # every output block holds one row: the text stage's batches are split again, else
+        # one denoiser would get a whole batch (repartition() would, but wants a whole CPU)
+        for batch in build_dataset(items, config, out).iter_batches(batch_format="pyarrow",
+                                                                    batch_size=None):
+            for row in batch.drop_columns(["state"]).to_pylist():
+                results[row["row_id"]] = row
+    finally:
+        context.target_max_block_size = block_size
     seconds = time.time() - start
     ordered = [results[r["row_id"]] for r in rows]  # every input row comes out exactly once
     manifest = write_manifest(storage, out, ordered)
