@@ -106,6 +106,18 @@ def test_parquet_rows_seed_default_is_stable_and_done_rows_are_skipped(local_sto
     assert rows[0]["watermark_payload"] == "abcd" and rows[0]["state"] is None
 
 
+def test_image_rows_load_the_first_frame_through_storage(local_storage):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), (200, 10, 10)).save(buf, format="PNG")
+    image = local_storage.write_bytes("in/first.png", buf.getvalue())
+    uri = _write_jsonl(local_storage, "in/p.jsonl", [{"prompt": "a red circle", "image": image}])
+    (row, request), = _checked(local_storage, uri, local_storage.resolve("out"))
+    assert row["status"] == "pending" and request.image.shape == (32, 32, 3)
+    assert tuple(request.image[16, 16]) == (200, 10, 10)  # centre-cropped and resized
+
+
 def _input(rows) -> pa.Table:
     items = [{"row_id": r["row_id"], "raw": None if r["raw"] is None else json.dumps(r["raw"]),
               "error": r["error"]} for r in rows]
