@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,6 +239,7 @@ def ray_head(s3_server):
         except ProcessLookupError:
             pass
         os.environ.pop("RAY_AUTH_MODE") if old is None else os.environ.update(RAY_AUTH_MODE=old)
+        shutil.rmtree(temp, ignore_errors=True)  # the head's logs and sockets
 
 
 def _wait(address: str, job: str, timeout: float = 600) -> str:
