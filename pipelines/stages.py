@@ -143,18 +143,24 @@ class Components:
              device: str | torch.device = "cpu", seed: int = 0,
              text: CachedTextEncoder | None = None) -> Components:
         """Load the exported components under `folder` ({vae, denoiser, upscaler_spatial,
-        upscaler_temporal}/). A missing component is built from `preset` with random weights
-        (seeded by `seed`) and a warning: it renders noise until a trained one is exported."""
+        upscaler_temporal}/). A missing VAE or denoiser is built from `preset` with random weights
+        (seeded by `seed`) and a warning: it renders noise until a trained one is exported. A
+        missing upscaler is its untrained self, which is exactly its fixed interpolation (its
+        residual head starts at zero)."""
         if preset not in TEXT_PRESETS:
             raise ValueError(f"preset must be one of {', '.join(TEXT_PRESETS)}, got {preset!r}")
         presets = {"vae": VAE_PRESETS[preset], "denoiser": DIT_PRESETS[preset],
                    "upscaler_spatial": UPSCALER_PRESETS[f"{preset}_spatial"],
                    "upscaler_temporal": UPSCALER_PRESETS[f"{preset}_temporal"]}
-        models, random = {}, []
+        models, random, interpolating = {}, [], []
         for i, (name, cfg) in enumerate(presets.items()):
             path = Path(folder) / name
             if (path / "config.json").is_file():
                 models[name] = load_component(path, device)
+                continue
+            if name.startswith("upscaler"):  # untrained: its fixed interpolation, exactly
+                models[name] = build(name, copy.deepcopy(cfg)).to(device).eval()
+                interpolating.append(name)
                 continue
             models[name] = random_component(name, copy.deepcopy(cfg), seed + i).to(device).eval()
             random.append(name)
@@ -162,6 +168,9 @@ class Components:
             logger.warning("no exported %s under %s: using random %r weights (they render noise "
                            "until trained components are exported there)", ", ".join(random),
                            folder, preset)
+        if interpolating:
+            logger.warning("no exported %s under %s: upscaling by plain interpolation (bilinear "
+                           "in space, frame averages in time)", ", ".join(interpolating), folder)
         vae_c, dit_c = models["vae"].cfg.latent_channels, models["denoiser"].cfg.latent_channels
         if vae_c != dit_c:
             raise ValueError(f"the VAE has {vae_c} latent channels but the denoiser expects "

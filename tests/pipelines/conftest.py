@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from cineray.models.upscaler import UPSCALER_PRESETS
 from cineray.pipelines.flow import SamplerConfig
-from cineray.pipelines.stages import Components
+from cineray.pipelines.stages import Components, random_component
 
 
 @pytest.fixture(scope="session")
@@ -21,8 +22,12 @@ def components(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     comps = Components.load(tmp_path_factory.mktemp("no-checkpoint"), seed=0)
-    assert set(comps.random) == {"vae", "denoiser", "upscaler_spatial", "upscaler_temporal"}
-    yield replace(comps, sampler=SamplerConfig(steps=2, guidance=3.0))
+    assert set(comps.random) == {"vae", "denoiser"}
+    # Missing upscalers load as plain interpolation; random residuals make the chunking and
+    # context tests see what a trained stage does (its output depends on neighbouring frames).
+    ups = {f"upscaler_{k}": random_component(f"upscaler_{k}", UPSCALER_PRESETS[f"tiny_{k}"], i)
+           for i, k in enumerate(("spatial", "temporal"), start=2)}
+    yield replace(comps, sampler=SamplerConfig(steps=2, guidance=3.0), **ups)
     torch.set_num_threads(threads)
 
 

@@ -149,7 +149,14 @@ def test_base_size_must_fit_the_latent_grid(components):
 def test_exported_components_are_loaded_and_missing_ones_are_random(components, tmp_path):
     save_component("vae", components.vae, tmp_path / "vae")
     loaded = Components.load(tmp_path, seed=7)
-    assert loaded.random == ("denoiser", "upscaler_spatial", "upscaler_temporal")
+    assert loaded.random == ("denoiser",)
+    # A missing upscaler is its fixed interpolation, not noise.
+    x = torch.rand(1, 3, 3, 8, 8) * 2 - 1
+    bilinear = torch.nn.functional.interpolate(x[0].transpose(0, 1), scale_factor=2,
+                                               mode="bilinear", align_corners=False)
+    assert torch.allclose(loaded.upscaler_spatial(x)[0].transpose(0, 1), bilinear, atol=1e-6)
+    mid = loaded.upscaler_temporal(x)[:, :, 1::2]
+    assert torch.allclose(mid, 0.5 * (x[:, :, :-1] + x[:, :, 1:]), atol=1e-6)
     for k, v in components.vae.state_dict().items():
         assert torch.equal(loaded.vae.state_dict()[k], v)
     assert loaded.text is components.text  # the frozen text encoder is loaded once per process
