@@ -174,7 +174,8 @@ def _worker(args: dict) -> None:
                   stream.wait_s - wait0)
         if step % tc.log_every == 0 or step % tc.checkpoint_every == 0 or step == tc.max_steps:
             metrics = meter.pop(step, stream, engine, ema, tc, world)
-            _report(engine, ema, task, metrics, tc, rank, world, stream.epoch, log)
+            _report(engine, ema, task, metrics, tc, rank, world, stream.epoch, log,
+                    storage, args["run_uri"])
 
 
 def _warm_start(model: torch.nn.Module, storage: Storage, tc: TrainConfig) -> dict | None:
@@ -225,7 +226,7 @@ def _resume(engine, ema: EMA, storage, run_uri: str, rank, world, tc) -> dict:
 
 
 def _report(engine, ema: EMA, task, metrics: dict, tc: TrainConfig, rank, world, epoch,
-            log: train_io.MetricsLog | None) -> None:
+            log: train_io.MetricsLog | None, storage: Storage, run_uri: str) -> None:
     """ray.train.report, with a checkpoint every ``checkpoint_every`` steps (all ranks call).
 
     Rank 0 logs the row before reporting: a run killed after its checkpoint upload then still
@@ -251,11 +252,15 @@ def _report(engine, ema: EMA, task, metrics: dict, tc: TrainConfig, rank, world,
             save_component(task.name, engine.module, os.path.join(d, "export", "raw"), raw, meta)
             with open(os.path.join(d, "train_state.json"), "w") as f:
                 json.dump(state, f, indent=1)
-        open(os.path.join(d, f"rank_{rank}.done"), "w").close()  # last: marks this rank done
         if log is not None:
             log.append(metrics)
+        name = train_io.checkpoint_name(step)
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(d),
-                         checkpoint_dir_name=train_io.checkpoint_name(step))
+                         checkpoint_dir_name=name)
+    # The marker goes up only after report() has uploaded this rank's files: Ray copies a
+    # directory's files in no fixed order, so a marker inside it could land before a shard
+    # that a killed worker never finished writing.
+    storage.write_bytes(storage.join(run_uri, name, f"rank_{rank}.done"), b"")
 
 
 class _Meter:

@@ -3,7 +3,7 @@
 Layout under ``<storage_path>/<run_name>/`` (local or s3://):
     step_00000200/            one checkpoint (Ray Train merges every worker's upload here)
         ds/ ...               DeepSpeed shards: the exact resume state (optimizer included)
-        rank_<r>.done         written last by each worker: all present = checkpoint complete
+        rank_<r>.done         written by each worker after its upload: all present = complete
         train_state.json      step, epoch, world size, ZeRO stage, weights digest
         export/               EMA weights in the serving format (pipelines.weights)
         export/raw/           raw weights, same format
