@@ -49,7 +49,7 @@ def pair(kind: str, scene, world: WorldConfig) -> tuple[torch.Tensor, torch.Tens
 def measure(kind: str, folder: Path, clips: int) -> dict:
     path = folder / f"upscaler_{kind}"
     if not (path / "config.json").is_file():
-        return {"missing": str(path)}
+        return {"missing": f"upscaler_{kind}/ (no exported weights)"}
     trained = load_component(path).eval()
     plain = Upscaler(copy.deepcopy(trained.cfg)).eval()  # zero residual head: interpolation
     world = WorldConfig()
