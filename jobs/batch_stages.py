@@ -173,23 +173,16 @@ class Denoise(_Stage):
         self.model_id = manifest_info(self.components, GenerationRequest("x")).model_id
 
     def step(self, row, state):
-        import torch
-
-        from cineray.pipelines.generate import Timer, _Steps, base_frames, check_request
-        from cineray.pipelines.stages import denoise_window, encode_images, image_latent
+        from cineray.pipelines.generate import Timer, _Steps, check_request, plan_keyframes
+        from cineray.pipelines.stages import denoise_window, image_latent
         from cineray.pipelines.windows import plan_windows
 
         c, request, text = self.components, state["request"], state["text"]
         check_request(c, request)  # safety again: a blocked prompt never reaches the denoiser
         plan = plan_windows(request.frames, request.fps, c.windows)
         first = None if request.image is None else image_latent(c, request.image)
-        keyframes = None if first is None else first[None]
-        if plan.keyframes is not None:  # the coarse pass first, exactly as generate() runs it
-            images = list(base_frames(c, request, text, plan.keyframes.plan, first, Timer(),
-                                      _Steps(None, 1)))  # [(1, 3, n, H, W)]
-            keyframes = encode_images(c, torch.cat(images, dim=2)[0].transpose(0, 1))
-            if first is not None:
-                keyframes[0] = first
+        # the coarse pass first, exactly as generate() runs it
+        keyframes = plan_keyframes(c, request, text, plan, first, Timer(), _Steps(None, 1))
         state["latents"] = [denoise_window(c, request, text, w, keyframes, request.seed)
                             for w in plan.windows]  # [(1, C, T', h, w)]
         state.update(plan=plan, model_id=self.model_id)

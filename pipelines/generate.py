@@ -160,14 +160,7 @@ def base_frames(components: Components, request: GenerationRequest, text: Prompt
     first: (C, h, w) latent of the clip's first frame (image-to-video), or None. A plan with a
     keyframe pass renders it first (the same way, recursively) and encodes its frames as images.
     """
-    keyframes = None if first is None else first[None]
-    if plan.keyframes is not None:
-        images = torch.cat(list(base_frames(components, request, text, plan.keyframes.plan,
-                                            first, timer, steps)), dim=2)  # (1, 3, count, H, W)
-        with timer("encode_keyframes"):
-            keyframes = encode_images(components, images[0].transpose(0, 1))
-        if first is not None:
-            keyframes[0] = first  # the given image itself, not its decode-encode round trip
+    keyframes = plan_keyframes(components, request, text, plan, first, timer, steps)
     blender = Blender(plan)
     for window in plan.windows:
         stage = "denoise" if window.level == 0 else "denoise_keyframes"
@@ -179,6 +172,23 @@ def base_frames(components: Components, request: GenerationRequest, text: Prompt
         with timer("blend"):
             done = blender.add(window, video)
         yield done
+
+
+def plan_keyframes(components: Components, request: GenerationRequest, text: PromptEmbedding,
+                   plan: WindowPlan, first: torch.Tensor | None, timer: Timer,
+                   steps: _Steps) -> torch.Tensor | None:
+    """The latents (N, C, h, w) the plan's windows are conditioned on: its keyframe pass,
+    rendered first (recursively, as base_frames) and encoded as images, with the given first
+    frame held as keyframe 0; just `first` for a one-window plan; None when nothing is given."""
+    keyframes = None if first is None else first[None]
+    if plan.keyframes is not None:
+        images = torch.cat(list(base_frames(components, request, text, plan.keyframes.plan,
+                                            first, timer, steps)), dim=2)  # (1, 3, count, H, W)
+        with timer("encode_keyframes"):
+            keyframes = encode_images(components, images[0].transpose(0, 1))
+        if first is not None:
+            keyframes[0] = first  # the given image itself, not its decode-encode round trip
+    return keyframes
 
 
 def extension_frames(components: Components, request: GenerationRequest, text: PromptEmbedding,
