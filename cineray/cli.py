@@ -180,9 +180,13 @@ def render(
     threads: Annotated[int, typer.Option(help="CPU threads for torch (0: torch's default).")] = 1,
     in_process: Annotated[bool, typer.Option(
         "--in-process", help="Render in this process instead of on a local Ray Serve app.")] = False,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
 ) -> None:
     """Render a clip and print the MP4's path: starts a local Ray cluster, deploys the serving
-    app, sends the request over HTTP and follows its progress (--in-process: one process)."""
+    app, sends the request over HTTP and follows its progress (--in-process: one process).
+    The watermark key and signing material come from the `provenance` section (--set
+    provenance.watermark_key=...)."""
     import os
 
     import torch
@@ -190,6 +194,8 @@ def render(
     from cineray.pipelines import generate as g
     from cineray.pipelines.stages import Components, GenerationRequest, load_image
 
+    prov = resolve_config(config, overrides).provenance
+    prov.key()  # a bad CINERAY_WATERMARK_KEY is named before anything starts
     picture = load_image(image, (width, height)) if image else None
     request = GenerationRequest(
         prompt=prompt, negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps,
@@ -213,12 +219,12 @@ def render(
             # replicas' logs stay in Ray's log files, not the terminal
             ray.init(address="local", logging_level="WARNING", log_to_driver=False)
         typer.echo(render_on_cluster(request, checkpoint, out,
-                                     lambda m: typer.echo(m, err=True)))
+                                     lambda m: typer.echo(m, err=True), prov))
         return
     if threads > 0:  # the tiny models gain little from threads; on a busy 2-core machine a
         torch.set_num_threads(threads)  # 33-frame render took 12 s with 1 thread, 129 s with 2
     components = Components.load(checkpoint) if checkpoint else Components.load()
-    path, _ = g.render_to_file(components, request, out)
+    path, _ = g.render_to_file(components, request, out, provenance_cfg=prov)
     typer.echo(path)
 
 
@@ -232,16 +238,22 @@ def serve(
         help="API token (default: $CINERAY_API_TOKEN, else a generated one).")] = None,
     denoisers: Annotated[int, typer.Option(help="Most Denoiser replicas (autoscaled).")] = 2,
     queue_limit: Annotated[int, typer.Option(help="Unfinished jobs before 429s.")] = 8,
+    config: ConfigOption = "tiny",
+    overrides: SetOption = None,
 ) -> None:
     """Serve the HTTP API on a local Ray cluster (Ray Serve); prints the URL and the API token,
-    blocks until Ctrl-C."""
+    blocks until Ctrl-C. The watermark key and signing material come from the `provenance`
+    section (--set provenance.watermark_key=...; default: CINERAY_* environment variables)."""
     import time
 
     from cineray.cluster.app import AppArgs
     from cineray.cluster.local import deploy
 
-    args = AppArgs(checkpoint=checkpoint, storage_root=storage_root, token=token,
-                   denoiser_max_replicas=denoisers, queue_limit=queue_limit)
+    prov = resolve_config(config, overrides).provenance
+    prov.key()  # a bad CINERAY_WATERMARK_KEY is named before anything starts
+    args = AppArgs.with_provenance(prov, checkpoint=checkpoint, storage_root=storage_root,
+                                   token=token, denoiser_max_replicas=denoisers,
+                                   queue_limit=queue_limit)
     start_ray()
     url, key = deploy(args, host, port)
     typer.echo(f"cineray is serving at {url}  (API docs: {url}/docs)")

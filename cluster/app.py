@@ -11,6 +11,7 @@ ray_actor_options and a graceful_shutdown_timeout_s longer than its longest step
 
 # No `from __future__ import annotations` here: Serve reads build()'s parameter annotation at
 # run time to parse `key=value` arguments into AppArgs.
+import dataclasses
 import logging
 import os
 import secrets
@@ -50,6 +51,13 @@ class AppArgs(BaseModel):
     upscale_delay_s: float = Field(5.0, ge=0)
     downscale_delay_s: float = Field(60.0, ge=0)
     log_encoding: str = Field("JSON", pattern="^(JSON|TEXT)$")
+    watermark_key: int | None = Field(None, ge=0, description="Secret watermark key (default: "
+                                      "$CINERAY_WATERMARK_KEY, else the public default key).")
+    c2pa_cert_chain: str | None = Field(None, description="PEM certificate chain, leaf first "
+                                        "(default: $CINERAY_C2PA_CERT, else a local CA).")
+    c2pa_private_key: str | None = Field(None, description="PEM private key of the leaf.")
+    c2pa_keys_dir: str | None = Field(None, description="The local CA's folder when no chain "
+                                      "is given (default: cineray-data/provenance).")
 
     @field_validator("denoiser_max_replicas")
     @classmethod
@@ -59,6 +67,22 @@ class AppArgs(BaseModel):
             raise ValueError(f"denoiser_max_replicas ({v}) must be >= denoiser_min_replicas "
                              f"({low})")
         return v
+
+    def provenance(self) -> dict:
+        """The `provenance` config section the Watermarker signs and marks with (plain dict;
+        absolute paths, since replicas may not share the caller's working directory)."""
+        from cineray.pipelines.provenance import ProvenanceConfig
+
+        paths = [None if p is None else os.path.abspath(p)
+                 for p in (self.c2pa_cert_chain, self.c2pa_private_key, self.c2pa_keys_dir)]
+        cfg = ProvenanceConfig(self.watermark_key, *paths)
+        return dataclasses.asdict(cfg)
+
+    @classmethod
+    def with_provenance(cls, cfg, **kwargs) -> "AppArgs":
+        """AppArgs whose provenance fields come from a ProvenanceConfig (the config section)."""
+        return cls(watermark_key=cfg.watermark_key, c2pa_cert_chain=cfg.cert_chain,
+                   c2pa_private_key=cfg.private_key, c2pa_keys_dir=cfg.keys_dir, **kwargs)
 
 
 # Per stage: (max_ongoing_requests, graceful_shutdown_timeout_s, uses an accelerator).
@@ -111,7 +135,8 @@ def build(args: AppArgs):
             autoscaling_config=_autoscaling(args, low, high, 1 if ongoing == 1 else ongoing / 2),
             max_ongoing_requests=ongoing, ray_actor_options=actor,
             graceful_shutdown_timeout_s=grace, logging_config=logging_config)
-        args_of = {"Muxer": (storage,), "SafetyFilter": ()}
+        args_of = {"Muxer": (storage,), "SafetyFilter": (),
+                   "Watermarker": (ckpt, args.provenance())}
         bound[name] = dep.bind(*args_of.get(name, (ckpt,)))
     orch = Orchestrator.options(
         autoscaling_config=_autoscaling(args, 1, args.max_replicas, 2),

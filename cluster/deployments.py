@@ -279,9 +279,13 @@ class Watermarker(_Stage):
 
     stage = "watermark"
 
-    def __init__(self, checkpoint: str):
+    def __init__(self, checkpoint: str, provenance: dict | None = None):
+        from cineray.pipelines.provenance import ProvenanceConfig
+
         self._setup()
         self.c = components(checkpoint)
+        self.cfg = ProvenanceConfig(**(provenance or {}))
+        self.cfg.key()  # a bad CINERAY_WATERMARK_KEY fails the deployment, not each request
 
     def package(self, frames, fps: float, request, job_id: str) -> dict:
         """uint8 (T, H, W, 3) -> {"mp4": signed bytes, "timings": {watermark, mux, sign}}."""
@@ -291,13 +295,13 @@ class Watermarker(_Stage):
         self._count()
         timings: dict[str, float] = {}
         data = provenance.package(frames, fps, manifest_info(self.c, request, job_id),
-                                  timings=timings)
+                                  self.cfg, timings=timings)
         return {"mp4": data, "timings": timings}
 
     def verify(self, data: bytes) -> dict:
         from cineray.pipelines.provenance import describe
 
-        return describe(data)
+        return describe(data, self.cfg)
 
 
 @serve.deployment(name="Muxer")

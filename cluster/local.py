@@ -113,20 +113,23 @@ def request_body(request) -> dict:
 
 
 def render_on_cluster(request, checkpoint: str | None = None, out: str | None = None,
-                      log: Callable[[str], None] = print) -> str:
+                      log: Callable[[str], None] = print, provenance=None) -> str:
     """Deploy the app on the running (local) Ray cluster, render `request` over HTTP, write
     the MP4 (default: renders/... under the storage root); its absolute URI. The app stays
     deployed (the caller owns the cluster). An upscaler the request does not use is never
-    started (scaled to zero)."""
+    started (scaled to zero). provenance: a ProvenanceConfig (watermark key, signing)."""
     import secrets
 
     from cineray.pipelines.generate import default_render_path
     from cineray.storage import Storage
 
     t0 = time.perf_counter()
-    args = AppArgs(checkpoint=checkpoint, token=secrets.token_urlsafe(16),
-                   denoiser_max_replicas=1, max_replicas=1,
-                   upscaler_min_replicas=0 if request.upscale == "none" else 1)
+    from cineray.pipelines.provenance import ProvenanceConfig
+
+    args = AppArgs.with_provenance(provenance or ProvenanceConfig(), checkpoint=checkpoint,
+                                   token=secrets.token_urlsafe(16), denoiser_max_replicas=1,
+                                   max_replicas=1,
+                                   upscaler_min_replicas=0 if request.upscale == "none" else 1)
     url, token = deploy(args, port=free_port())
     log(f"deployed the serving app at {url} in {time.perf_counter() - t0:.1f} s")
     last = [None]

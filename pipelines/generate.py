@@ -326,13 +326,15 @@ def manifest_info(components: Components, request: GenerationRequest,
 
 def render_to_file(components: Components, request: GenerationRequest, out: str | None = None,
                    storage: Storage | None = None, progress: ProgressFn | None = None,
+                   provenance_cfg: provenance.ProvenanceConfig | None = None,
                    ) -> tuple[str, GenerationResult]:
     """Generate, then watermark, mux and sign (provenance.package: always, whatever the
     request says) and write the MP4 atomically; returns (absolute URI, result).
-    out: a local path, s3:// URI or a path under the storage root (default: renders/...)."""
+    out: a local path, s3:// URI or a path under the storage root (default: renders/...).
+    provenance_cfg: watermark key and signing material (None: environment, then defaults)."""
     result = generate(components, request, progress)
     data = provenance.package(result.frames, result.fps, manifest_info(components, request),
-                              timings=result.timings)
+                              provenance_cfg, timings=result.timings)
     storage = storage or Storage()
     return storage.write_bytes(out or default_render_path(request), data), result
 

@@ -18,6 +18,7 @@ from cineray.video import read_mp4
 pytestmark = [pytest.mark.ray]
 TOKEN = "test-token-123"
 QUEUE_LIMIT = 3
+KEY = 0x1234_5678_9ABC  # the deployment's own watermark key (not the public default)
 
 
 def _free_port() -> int:
@@ -40,9 +41,9 @@ def served(ray_cluster, tmp_path_factory):
     args = AppArgs(checkpoint=str(root / "no-checkpoint"), storage_root=str(root / "data"),
                    token=TOKEN, denoiser_min_replicas=2, denoiser_max_replicas=2,
                    max_replicas=1, queue_limit=QUEUE_LIMIT, num_cpus=0.05, window_retries=5,
-                   log_encoding="TEXT")
+                   log_encoding="TEXT", watermark_key=KEY, c2pa_keys_dir=str(root / "keys"))
     serve.run(build(args), name="cineray", route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}", str(root / "no-checkpoint")
+    yield f"http://127.0.0.1:{port}", str(root / "no-checkpoint"), root
     serve.shutdown()
 
 
@@ -80,7 +81,7 @@ def _events(client, job_id: str) -> list[tuple[str, dict]]:
     return out
 
 
-def test_render_preview_and_upscaled_mp4(client):
+def test_render_preview_and_upscaled_mp4(served, client):
     r = client.post("/v1/videos", json={"prompt": "a red ball falling", "frames": 9, "steps": 2,
                                         "upscale": "full", "seed": 3})
     assert r.status_code == 202, r.text
@@ -88,7 +89,8 @@ def test_render_preview_and_upscaled_mp4(client):
     assert job["status"] == "queued" and job["frames"] == 17 and job["fps"] == 16.0
     done = _wait(client, job["id"])
     assert done["status"] == "completed", done["error"]
-    video, fps = read_mp4(client.get(f"/v1/videos/{job['id']}/content").content)
+    data = client.get(f"/v1/videos/{job['id']}/content").content
+    video, fps = read_mp4(data)
     assert video.shape == (17, 64, 64, 3) and fps == 16.0  # temporal x2 (2T - 1), spatial x2
     preview, pfps = read_mp4(client.get(done["preview_url"]).content)
     assert preview.shape == (9, 32, 32, 3) and pfps == 8.0
@@ -98,6 +100,12 @@ def test_render_preview_and_upscaled_mp4(client):
     report = client.post("/v1/verify", json={"video_id": job["id"]}).json()
     assert report["watermark"]["watermarked"] and report["payload_matches_manifest"]
     assert report["c2pa"]["valid_apart_from_trust"]
+    # ...under the deployment's own key and local CA folder (AppArgs), not the defaults.
+    from cineray.pipelines.provenance import ProvenanceConfig, detect_mp4
+
+    assert detect_mp4(data, ProvenanceConfig(watermark_key=KEY)).payload is not None
+    assert not detect_mp4(data).watermarked  # the public default key finds nothing
+    assert (served[2] / "keys").is_dir() and any((served[2] / "keys").iterdir())
     listed = client.get("/v1/videos", params={"limit": 1}).json()
     assert listed["object"] == "list" and listed["data"][0]["id"] == job["id"]
 

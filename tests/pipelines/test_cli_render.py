@@ -8,6 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cineray.cli import app
+from cineray.pipelines.provenance import ProvenanceConfig, detect_mp4
 from cineray.video import read_mp4
 
 runner = CliRunner()
@@ -20,11 +21,14 @@ def test_render_writes_the_mp4_and_prints_its_path(components, tmp_path, image):
         "render", "a red ball falling", "--frames", "5", "--fps", "8", "--seed", "3",
         "--camera", "pan_left", "--focal-length", "35", "--negative-prompt", "blur",
         "--image", str(tmp_path / "card.png"), "--steps", "1", "--checkpoint", str(tmp_path),
-        "--out", str(out), "--in-process"])
+        "--out", str(out), "--in-process", "--set", "provenance.watermark_key=4242"])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(out)
     frames, fps = read_mp4(out.read_bytes())
     assert frames.shape == (5, 32, 32, 3) and fps == 8.0
+    # marked with the configured key, which the default key does not read
+    assert detect_mp4(out.read_bytes(), ProvenanceConfig(watermark_key=4242)).payload is not None
+    assert not detect_mp4(out.read_bytes()).watermarked
     assert [p.name for p in out.parent.iterdir()] == ["clip.mp4"]  # no temp file left behind
 
 
