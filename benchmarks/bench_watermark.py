@@ -3,7 +3,7 @@
 Clips: synthetic-world scenes at the shipped output size (64x64, 33 frames at 16 fps: what
 `cineray render --upscale full` writes) and at 128x128, each given a random 48-bit payload through
 the production stage (`provenance.watermark`) and read back with the production detector
-(`provenance.detect`: an aligned read, then the crop/scale search when that fails).
+(`provenance.detect`: an aligned read, then the crop/scale/re-time search when that fails).
 
 Measured, per size:
 - PSNR of the watermarked vs the original frames (RGB, whole clip; goal >= 38 dB);
@@ -35,7 +35,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cineray.models.watermark import Watermark
 from cineray.pipelines import provenance
 from cineray.pipelines.provenance import Payload
 from cineray.video import psnr, read_mp4, write_mp4
@@ -155,21 +154,24 @@ def robustness(size: int, n: int) -> dict:
 
 def _best_guess(frames: np.ndarray) -> np.ndarray:
     """Undetected: the bits of the better-scoring read (aligned or searched), for accuracy."""
-    wm = Watermark()
-    return max(wm.read(frames), wm.register(frames), key=lambda r: r.score).bits
+    marks = provenance.watermarkers()
+    return max((r for wm in marks for r in (wm.read(frames), wm.search(frames))),
+               key=lambda r: r.score).bits
 
 
 def false_positives(size: int, n: int) -> dict:
-    """Unwatermarked clips through the detector's two reads and its decision (detect() runs the
-    search whenever the aligned read finds nothing, as it always should here)."""
-    wm = Watermark()
+    """Unwatermarked clips through the detector's reads (aligned and searched, default and short
+    watermark) and its decision (detect() runs the search whenever the aligned reads find
+    nothing, as they always should here); score statistics are of the better watermark."""
+    marks = provenance.watermarkers()
     aligned, searched, hits, crc = [], [], 0, 0
     for clip in world_clips(size, n, seed0=50_000):
         seen = encode(clip, FPS, 23)
-        reads = [(wm.read(seen), False), (wm.register(seen), True)]
+        reads = [(wm.read(seen), False) for wm in marks]  # both watermarks' reads,
+        reads += [(wm.search(seen), True) for wm in marks]  # as detect() makes them
         found = [provenance.decide(r, s) for r, s in reads]
-        aligned.append(reads[0][0].score)
-        searched.append(reads[1][0].score)
+        aligned.append(max(r.score for r, s in reads if not s))
+        searched.append(max(r.score for r, s in reads if s))
         hits += any(d.watermarked for d in found)
         crc += sum(Payload.from_bits(r.bits) is not None for r, _ in reads)
     aligned, searched = np.array(aligned), np.array(searched)
@@ -245,7 +247,7 @@ def plot(report: dict, path: Path) -> None:
     ax.legend(loc="lower left")
     fp = report["false_positives"]
     bx.hist(fp["scores_aligned"], bins=40, alpha=0.7, label="aligned read")
-    bx.hist(fp["scores_search"], bins=40, alpha=0.7, label="crop/scale search")
+    bx.hist(fp["scores_search"], bins=40, alpha=0.7, label="crop/scale/re-time search")
     for (search, readable), t in provenance.THRESHOLDS.items():
         bx.axvline(t, color="r" if readable else "k", ls="--" if search else "-", lw=1)
     bx.set_title(f"{fp['clips']} unwatermarked {fp['size']}px clips: "

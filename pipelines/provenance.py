@@ -32,14 +32,14 @@ import io
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from cineray import __version__
-from cineray.models.watermark import Reading, Watermark, WatermarkConfig
+from cineray.models.watermark import WATERMARK_PRESETS, Reading, Watermark, WatermarkConfig
 from cineray.video import read_mp4
 
 MODEL_BITS, JOB_BITS, CRC_BITS = 16, 32, 16
@@ -48,13 +48,14 @@ DEFAULT_WATERMARK_KEY = WatermarkConfig.key  # public: a deployment sets its own
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 GENERATION_LABEL = "org.cineray.generation"
 # Detector thresholds on Reading.score, from 1,000 unwatermarked 64x64x33 world clips (H.264
-# CRF 23; benchmarks/bench_watermark.py): aligned read mean 7.18, std 0.60, max 9.18; crop/scale
-# search (the best of many registrations, hence higher) mean 8.69, std 0.38, max 9.82.
+# CRF 23; benchmarks/bench_watermark.py), the better of the default and short watermarks' reads
+# (detect() tries both): aligned read mean 7.52, std 0.50, max 9.18; crop/scale/re-time search
+# (the best of many registrations, hence higher) mean 9.00, std 0.30, max 10.07.
 # A payload that passes its CRC is evidence on its own (noise passes 1 time in 65,536), so it
 # needs a lower score (about mean + 1.7 std); an unreadable one needs mean + 5 std.
 THRESHOLDS = {  # (search?, payload readable?) -> score needed
-    (False, True): 8.2, (False, False): 10.2,
-    (True, True): 9.4, (True, False): 10.6,
+    (False, True): 8.4, (False, False): 10.2,
+    (True, True): 9.5, (True, False): 10.6,
 }
 
 
@@ -135,14 +136,19 @@ def model_id(modules: dict) -> str:
 
 
 @lru_cache(maxsize=4)
-def _watermarker(key: int = DEFAULT_WATERMARK_KEY) -> Watermark:
-    return Watermark(WatermarkConfig(key=key))
+def watermarkers(key: int = DEFAULT_WATERMARK_KEY) -> tuple[Watermark, Watermark]:
+    """(default, short) watermarks under one key (models/watermark.py WATERMARK_PRESETS)."""
+    return tuple(Watermark(replace(WATERMARK_PRESETS[name], key=key))
+                 for name in ("default", "short"))
 
 
 def watermark(frames: np.ndarray, payload: Payload,
               cfg: ProvenanceConfig | None = None) -> np.ndarray:
-    """Embed `payload` in a clip: uint8 (T, H, W, 3) -> uint8 (T, H, W, 3), with cfg's key."""
-    return _watermarker(_config(cfg).key()).embed(frames, payload.bits())
+    """Embed `payload` in a clip: uint8 (T, H, W, 3) -> uint8 (T, H, W, 3), with cfg's key;
+    the default watermark for clips of at least its segment count, the short one below."""
+    default, short = watermarkers(_config(cfg).key())
+    wm = default if len(frames) >= default.cfg.segments else short
+    return wm.embed(frames, payload.bits())
 
 
 @dataclass
@@ -170,14 +176,18 @@ def detect(frames: np.ndarray, search: bool = True,
            cfg: ProvenanceConfig | None = None) -> Detection:
     """Read the watermark of a clip uint8 (T, H, W, 3): first as embedded (any size: a resized
     copy maps to the same cells); if that fails and `search`, re-register a cropped or rescaled
-    copy. Frame drops and frame-rate changes need no search (time is normalised). Only a clip
-    marked with cfg's watermark key is found."""
-    wm = _watermarker(_config(cfg).key())
-    found = decide(wm.read(frames), searched=False)
-    if found.watermarked or not search:
+    copy (crop, rescale) and re-time a clip that lost frames. Only a clip marked with cfg's
+    watermark key is found."""
+    marks = watermarkers(_config(cfg).key())  # a clip that lost frames may have been long
+    found = _best([decide(wm.read(frames), searched=False) for wm in marks])
+    if found.payload is not None or not search:
         return found
-    again = decide(wm.register(frames), searched=True)
-    return again if again.watermarked else found
+    return _best([found, *(decide(wm.search(frames), searched=True) for wm in marks)])
+
+
+def _best(found: list[Detection]) -> Detection:
+    """A readable payload first, then a detection, then the higher score."""
+    return max(found, key=lambda d: (d.payload is not None, d.watermarked, d.score))
 
 
 def detect_mp4(data: bytes | str, cfg: ProvenanceConfig | None = None) -> Detection:

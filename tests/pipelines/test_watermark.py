@@ -13,7 +13,7 @@ from cineray.models.watermark import (
     conv_encode,
     viterbi,
 )
-from cineray.pipelines.provenance import Payload, decide
+from cineray.pipelines.provenance import Payload, decide, detect, watermark
 from cineray.video import psnr, read_mp4, write_mp4
 from cineray.world import WorldConfig, render, sample_scene
 
@@ -36,8 +36,8 @@ def wm():
 
 @pytest.fixture(scope="module")
 def marked(wm):
-    """(original, watermarked) 64x64x17 world clips with a moving camera and object."""
-    clip = world_clip(3)
+    """(original, watermarked) 64x64x33 world clips at 16 fps with a moving camera and object."""
+    clip = world_clip(3, frames=33, fps=16.0)
     return clip, wm.embed(clip, BITS)
 
 
@@ -69,36 +69,47 @@ def test_payload_survives_h264(wm, marked, crf):
     assert decide(reading, searched=False).payload == Payload(0xBEEF, 0x12345678)
 
 
-def test_payload_survives_dropped_frames_and_a_new_frame_rate(wm, marked):
-    out = marked[1]
-    keep = np.sort(np.random.default_rng(1).choice(len(out), 13, replace=False))
-    for frames in (out[keep], out[::2]):  # 4 of 17 frames dropped; 8 -> 4 fps
+def test_payload_survives_half_size_and_a_new_frame_rate(wm, marked):
+    half = marked[1].reshape(33, 32, 2, 32, 2, 3).mean((2, 4)).round().astype(np.uint8)
+    for frames in (half, marked[1][::2]):  # 64 -> 32 px; 16 -> 8 fps
         reading = wm.read(h264(frames, 23))
         assert np.array_equal(reading.bits, BITS) and decide(reading, False).watermarked
 
 
+def test_dropped_frames_are_retimed(wm, marked):
+    keep = np.sort(np.random.default_rng(1).choice(33, 25, replace=False))  # 25% dropped
+    seen = h264(marked[1][keep], 23)
+    assert not np.array_equal(wm.read(seen).bits, BITS)  # misaligned in time as received...
+    segments = wm.retime(seen)  # ...re-timed from the pilot
+    assert np.mean(segments == wm.segment_of(33)[keep]) > 0.9
+    reading = wm.search(seen)
+    assert np.array_equal(reading.bits, BITS) and decide(reading, True).watermarked
+
+
 @pytest.mark.parametrize(("y0", "x0"), [(3, 3), (0, 6)])
 def test_a_cropped_clip_is_reregistered(wm, marked, y0, x0):
-    cropped = h264(marked[1][:, y0 : y0 + 58, x0 : x0 + 58], 23)  # 10% of each side gone
-    assert not decide(wm.read(cropped), False).watermarked  # misaligned as embedded...
-    reading = wm.register(cropped)  # ...found by the search
+    cropped = h264(marked[1][:, y0 : y0 + 58, x0 : x0 + 58], 23, 16.0)  # 10% of a side gone
+    reading = wm.register(cropped)  # cell size, sub-cell phase and cell shift searched
     assert np.array_equal(reading.bits, BITS) and decide(reading, True).watermarked
-    assert reading.registration[:2] == (2.0, 2.0)  # the original's 2 px cells
+    assert reading.registration and reading.pilot_z > 5
 
 
 def test_unwatermarked_clips_score_below_the_thresholds(wm):
     for seed in range(4):
         clip = h264(world_clip(100 + seed), 23)
         assert not decide(wm.read(clip), False).watermarked
-        assert not decide(wm.register(clip), True).watermarked
+        assert not decide(wm.search(clip), True).watermarked
 
 
-def test_other_sizes_and_lengths(wm):
-    for size, frames in ((32, 5), (48, 9), (128, 1)):
+def test_other_sizes_and_lengths():
+    """Clips shorter than the default watermark's 16 segments get the short one; detect()
+    tries both."""
+    payload = Payload(0xBEEF, 0x12345678)
+    for size, frames in ((32, 5), (48, 9), (128, 1), (32, 17), (96, 25)):
         clip = world_clip(7, size, max(frames, 5))[:frames]
-        out = wm.embed(clip, BITS)
+        out = watermark(clip, payload)
         assert out.shape == clip.shape and psnr(out, clip) > 37.5
-        assert np.array_equal(wm.read(out).bits, BITS)
+        assert detect(out).payload == payload
 
 
 def test_a_different_key_reads_nothing(marked):
@@ -111,5 +122,7 @@ def test_bad_input_is_a_clear_error(wm, marked):
         wm.embed(marked[0], BITS[:40])
     with pytest.raises(ValueError, match=r"frames must be a uint8 array \(T>=1, H, W, 3\)"):
         wm.embed(marked[0].astype(np.float32), BITS)
-    with pytest.raises(ValueError, match="raise grid or lower payload_bits"):
-        Watermark(WatermarkConfig(grid=8))
+    with pytest.raises(ValueError, match="raise grid or layouts, or lower payload_bits"):
+        Watermark(WatermarkConfig(grid=8, segments=4, layouts=2))
+    with pytest.raises(ValueError, match="layouts must divide segments"):
+        WatermarkConfig(segments=6, layouts=4)
