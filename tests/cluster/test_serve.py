@@ -200,6 +200,9 @@ def test_killed_denoiser_replica_loses_nothing(served, client, ray_cluster):
     # 60 steps: each window runs long enough (about a second) for the kill to land mid-window
     body = {"prompt": "a green circle moving right", "frames": 65, "steps": 60, "seed": 5}
     calls = _counters(ray_cluster).get("denoise", 0)
+    replicas = {a["name"]: ray_cluster.get_actor(a["name"], namespace=a["namespace"])
+                for a in ray_cluster.util.list_named_actors(all_namespaces=True)
+                if "Denoiser" in a["name"]}  # looked up first: the kill must land mid-window
     job_id = client.post("/v1/videos", json=body).json()["id"]
     counters = ray_cluster.get_actor("cineray-stage-counters-cineray", namespace="cineray")
     end, busy = time.monotonic() + 120, []
@@ -207,11 +210,9 @@ def test_killed_denoiser_replica_loses_nothing(served, client, ray_cluster):
         busy = ray_cluster.get(counters.running.remote())
         time.sleep(0.05)
     assert len(busy) == 2, busy
-    names = [a for a in ray_cluster.util.list_named_actors(all_namespaces=True)
-             if "Denoiser" in a["name"] and a["name"].endswith(busy[0])]
-    assert len(names) == 1, names
-    ray_cluster.kill(ray_cluster.get_actor(names[0]["name"], namespace=names[0]["namespace"]),
-                     no_restart=True)
+    victim = [h for name, h in replicas.items() if name.endswith(busy[0])]
+    assert len(victim) == 1, (list(replicas), busy)
+    ray_cluster.kill(victim[0], no_restart=True)
     job = _wait(client, job_id)
     assert job["status"] == "completed", job["error"]
     keys = sorted((w["level"], w["index"]) for w in job["windows"])
