@@ -282,7 +282,10 @@ def denoise_latents(components: Components, request: GenerationRequest, text: Pr
     frames = frames.to(dev)
     labels = ([request.camera], [request.resolved_camera_speed], [request.focal_length_mm], [fps])
     cond = build_conditioning(text.cond, *labels, frames)
-    uncond = None if text.uncond is None else build_conditioning(text.uncond, *labels, frames)
+    # The unconditional branch drops the camera too (as training's camera dropout does), so
+    # guidance pushes towards the asked camera motion as well as towards the prompt.
+    free = ([UNSPECIFIED], [0.0], *labels[2:])
+    uncond = None if text.uncond is None else build_conditioning(text.uncond, *free, frames)
     c = components.vae.cfg.latent_channels
     shape = (1, c, *frames.shape[2:])
     z = sample(components.denoiser, components.flow, sampler_config(components, request), shape,
