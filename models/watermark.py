@@ -204,8 +204,9 @@ class Watermark:
         seg = self.segment_of(len(frames)) if seg is None else seg
         y = frames.astype(np.float64) @ LUMA  # (T, H, W)
         out = np.zeros((self.cfg.layouts, *y.shape[1:]))
+        segments = np.unique(seg)
         for lay in range(self.cfg.layouts):
-            present = [j for j in np.unique(seg) if self.layout_of[j] == lay]
+            present = [j for j in segments if self.layout_of[j] == lay]
             if present:
                 signs = self.time_sign[present]
                 out[lay] = sum(sg * y[seg == j].mean(0) for sg, j in zip(signs, present, strict=True))
@@ -216,7 +217,7 @@ class Watermark:
         return out
 
     def cells(self, image: np.ndarray) -> np.ndarray:
-        """(L, H, W) -> (L*G*G,) mean of each cell at the identity registration (the embedder's)."""
+        """(N, H, W) -> (N*G*G,) mean of each cell of each image at the identity registration."""
         idx = self.cell_index(*image.shape[1:]).ravel()
         n = self.cfg.grid**2
         count = np.maximum(np.bincount(idx, minlength=n), 1)
@@ -316,13 +317,10 @@ class Watermark:
         sums = np.concatenate([np.zeros((1, *y.shape[1:])), np.cumsum(y, 0)])
         lo, hi = np.maximum(np.arange(t) - 1, 0), np.minimum(np.arange(t) + 2, t)
         y = y - (sums[hi] - sums[lo]) / (hi - lo)[:, None, None]
-        idx = self.cell_index(*y.shape[1:]).ravel()
-        count = np.maximum(np.bincount(idx, minlength=g * g), 1)
         pilot = np.where(self.pilot, self.chip, 0.0).reshape(self.cfg.layouts, g * g)
         k, everywhere = self.cfg.clip_sigma, np.ones(g * g, bool)
-        corr = np.stack([pilot @ robust_clip(whiten(np.bincount(
-            idx, weights=f.ravel(), minlength=g * g) / count, g), everywhere, k)
-            for f in y])  # (T, L)
+        corr = np.stack([pilot @ robust_clip(whiten(c, g), everywhere, k)
+                         for c in self.cells(y).reshape(t, g * g)])  # (T, L)
         score = self.time_sign * corr[:, self.layout_of]  # (T, S)
         total, back = score[0].copy(), np.zeros(score.shape, np.int64)
         for i in range(1, t):  # total[j]: best path for frames <= i with frame i in segment j
