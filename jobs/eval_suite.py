@@ -37,7 +37,7 @@ MIN_LONG_WINDOWS = 4
 class SuiteConfig:
     per_case: int = 16  # items per case (8 = every held-out combination and camera once)
     seed: int = 0
-    long_frames: int = 65  # 4 windows of 17 frames with a 1-frame overlap
+    long_frames: int = 65  # 5 windows of 17 frames with a 5-frame overlap (4 with overlap 1)
     long_fps: float = 16.0  # the dataset's higher frame rate: a 4 s clip, a 4 fps keyframe pass
     windows: WindowConfig = field(default_factory=WindowConfig)
 

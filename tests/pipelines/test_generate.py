@@ -55,14 +55,14 @@ def test_image_to_video_starts_on_the_image_latent(components, image):
     assert np.array_equal(result.preview[0], first[0])
 
 
-def test_long_clip_of_four_windows(components):
+def test_long_clip_of_five_windows(components):
     seen = []
     result = generate(components, replace(REQ, frames=65, fps=16.0),
                       progress=lambda stage, f: seen.append(f))
     frames, fps = _decoded(result)
     assert frames.shape == (65, 32, 32, 3) and fps == 16.0
-    assert len(result.plan.windows) == 4 and result.plan.keyframes.count == 17
-    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) == 5 * 2
+    assert len(result.plan.windows) == 5 and result.plan.keyframes.count == 17
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) == 6 * 2
     assert result.timings["denoise_keyframes"] > 0
 
 

@@ -53,15 +53,29 @@ def test_keyframes_sit_on_window_starts_and_group_ends(window, overlap):
                 assert inside == {k for _, k in w.keys}
 
 
-def test_four_windows_of_17_make_65_frames_with_a_keyframe_on_every_group_end():
-    plan = plan_windows(65, 8.0)
-    assert [(w.start, w.length) for w in plan.windows] == [(0, 17), (16, 17), (32, 17), (48, 17)]
+@pytest.mark.parametrize(("overlap", "starts"), [(5, [0, 12, 24, 36, 48]), (1, [0, 16, 32, 48])])
+def test_windows_of_17_make_65_frames_with_a_keyframe_on_every_group_end(overlap, starts):
+    plan = plan_windows(65, 8.0, WindowConfig(overlap=overlap))
+    assert [(w.start, w.length) for w in plan.windows] == [(s, 17) for s in starts]
     assert plan.keyframes.stride == 4 and plan.keyframes.count == 17
     assert plan.keyframes.plan.windows[0].length == 17 and plan.keyframes.plan.fps == 2.0
     for w in plan.windows:
         assert w.exact == w.start // 4
         assert w.keys == tuple((j, w.start // 4 + j) for j in range(1, 5))
     assert plan.keyframes.plan.keyframes is None  # the keyframe pass is one window
+
+
+def test_the_default_overlap_is_keyed_at_both_ends_in_both_windows():
+    """The 5 shared frames start on the later window's exact keyframe and end on its first
+    group end; in the earlier window both are group ends: the two windows agree there."""
+    plan = plan_windows(65, 8.0)
+    assert plan == plan_windows(65, 8.0, WindowConfig(17, 5))
+    stride = plan.keyframes.stride
+    for a, b in zip(plan.windows, plan.windows[1:], strict=False):
+        assert a.end - b.start == 5
+        assert b.exact == b.start // stride and (1, (b.start + 4) // stride) in b.keys
+        keyed_in_a = {a.start + 4 * j for j, _ in a.keys}
+        assert {b.start, b.start + 4} <= keyed_in_a
 
 
 def test_one_window_clips_have_no_keyframe_pass():
@@ -71,7 +85,7 @@ def test_one_window_clips_have_no_keyframe_pass():
 
 
 def test_long_clips_get_a_windowed_keyframe_pass():
-    plan = plan_windows(1025, 8.0)
+    plan = plan_windows(1025, 8.0, WindowConfig(overlap=1))
     levels = list(_levels(plan))
     assert [len(p.windows) for p in levels] == [64, 4, 1]
     assert all(w.length <= 17 for p in levels for w in p.windows)
@@ -122,14 +136,14 @@ def test_bad_plans_name_the_field(kwargs, match):
 
 
 def test_plans_are_deterministic_and_small():
-    a = plan_windows(257, 8.0)
-    assert a == plan_windows(257, 8.0)
+    a = plan_windows(257, 8.0, WindowConfig(overlap=1))
+    assert a == plan_windows(257, 8.0, WindowConfig(overlap=1))
     n = len(a.all_windows())
     assert n == 17 and len(a.windows) == 16  # 16 windows + one 17-frame keyframe pass
     assert a.keyframes.stride == 16 and a.keyframes.plan.fps == 0.5
 
 
 def test_a_sparser_keyframe_stride_shortens_the_keyframe_pass():
-    plan = plan_windows(65, 8.0, WindowConfig(keyframe_stride=16))
+    plan = plan_windows(65, 8.0, WindowConfig(overlap=1, keyframe_stride=16))
     assert plan.keyframes.count == 5 and plan.keyframes.plan.windows[0].length == 5
     assert [(w.exact, w.keys) for w in plan.windows] == [(i, ((4, i + 1),)) for i in range(4)]
