@@ -203,7 +203,8 @@ class ClipBatcher:
 
     Batch contract (pipelines.training): "video" uint8 tensor (B,T,H,W,3) at the base rendition,
     "video_hr" for paired tasks (same clip, temporally aligned crop), "caption"/"camera"/"shape"/
-    "colour"/"motion"/"clip_id": list[str], "camera_speed"/"focal_length_mm"/"fps": float32 (B,).
+    "colour"/"motion"/"clip_id": list[str], "start": list[int] (crop start),
+    "camera_speed"/"focal_length_mm"/"fps": float32 (B,).
     Bad rows are dropped here and counted in ``self.bad`` (with a log line naming the URI).
     """
 
@@ -246,6 +247,7 @@ class ClipBatcher:
             "caption": [str(c[self.rng.integers(len(c))]) for c in rows["captions"]],
             **{k: [str(x) for x in rows[k]] for k in ("camera", "shape", "colour", "motion",
                                                       "clip_id")},
+            "start": starts,  # first frame of the crop: with clip_id, names the frames
             **{k: torch.tensor(np.asarray(rows[k], np.float32)) for k in
                ("camera_speed", "focal_length_mm", "fps")},
         }

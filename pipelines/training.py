@@ -6,7 +6,8 @@ so the same task runs in a test, a notebook or a Ray Train worker.
 
 Batch contract (from the data pipeline): "video" uint8 (B, T, H, W, 3) at the task's base
 rendition; "video_hr" the higher rendition of the same clip (upscalers only); "caption"
-list[str]; "camera" list[str]; "camera_speed", "focal_length_mm", "fps" float tensors (B,).
+list[str]; "camera" list[str]; "camera_speed", "focal_length_mm", "fps" float tensors (B,);
+optionally "clip_id" list[str] and "start" list[int] (crop start), which name the frames.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TaskConfig:
     # Encode the frozen VAE in bf16: 3x faster on CPU (the encoder was ~30% of an fp32 denoiser
     # step); the rounding (~1e-2 of a unit-variance latent) is far below the diffusion noise.
     encode_bf16: bool = True
+    latent_cache: int = 50_000  # denoiser: clips whose latents a worker keeps (0: encode each step)
     text_stats_captions: int = 2000  # world captions used to standardise text inputs
     crop: int = 32  # upscalers: high-resolution crop size (pixels) to keep steps cheap
     seed: int = 0

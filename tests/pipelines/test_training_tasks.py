@@ -11,8 +11,8 @@ import torch
 
 from cineray.config import load_config
 from cineray.models.video_vae import VideoVAE
-from cineray.pipelines.denoiser_task import training_frames
-from cineray.pipelines.training import TaskConfig, edge_weights, make_task, spec_for
+from cineray.pipelines.denoiser_task import keyframe_latents, training_frames
+from cineray.pipelines.training import TaskConfig, edge_weights, make_task, spec_for, to_video
 from cineray.pipelines.weights import save_component
 from cineray.world import WorldConfig, captions, render, sample_scene
 
@@ -76,8 +76,8 @@ def test_training_frames_mix_the_pipelines_conditioning(cfg):
     task = make_task("denoiser", cfg)
     x = torch.rand(64, 3, 17, 32, 32) * 2 - 1
     with torch.no_grad():
-        z = task.vae.encode(x)
-        frames, exact = training_frames(z, task.vae, x, cfg.task, torch.Generator().manual_seed(0))
+        z, keys = task.vae.encode(x), keyframe_latents(task.vae, x)
+        frames, exact = training_frames(z, keys, cfg.task, torch.Generator().manual_seed(0))
     c = z.shape[1]
     known, ex, key = frames[:, :c], frames[:, c], frames[:, c + 1]
     assert torch.equal(ex[:, :, :1, :1], exact[:, 0]) and ex.amax() == 1
@@ -95,6 +95,31 @@ def test_training_frames_mix_the_pipelines_conditioning(cfg):
         else:
             kinds["first" if e.sum() == 1 else "prefix"] += 1
     assert all(v > 0 for v in kinds.values()), kinds
+
+
+def test_denoiser_latents_are_encoded_once_per_clip(cfg):
+    """Named clips (clip_id + crop start) keep their latents: the second epoch skips the VAE
+    and gets the same latents (to float16 rounding); unnamed batches are always encoded."""
+    task = make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+        cfg.task, latent_cache=3, encode_bf16=False)))
+    batch = {**world_batch(4), "clip_id": ["a", "b", "c", "a"], "start": [0, 0, 0, 5]}
+    x = to_video(batch["video"])
+    calls = []
+    encode = task.vae.encode
+    task.vae.encode = lambda v: calls.append(len(v)) or encode(v)
+    z, keys = task.latents(batch, x)
+    assert calls == [4, 4 * 5]  # the clips, then each clip's 5 keyframes as images
+    with torch.no_grad():
+        torch.testing.assert_close(z, encode(x))
+        torch.testing.assert_close(keys, keyframe_latents(task.vae, x))
+    calls.clear()
+    z2, keys2 = task.latents(batch, x)
+    assert calls == [1, 5]  # ("a", 5) did not fit in a cache of 3
+    torch.testing.assert_close(z2, z, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(keys2, keys, atol=2e-3, rtol=2e-3)
+    calls.clear()
+    task.latents({k: v for k, v in batch.items() if k != "start"}, x)
+    assert calls == [4, 20]
 
 
 def test_vae_task_tracks_latent_statistics(cfg):
