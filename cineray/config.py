@@ -28,7 +28,7 @@ from cineray.models.dit import DiTConfig
 from cineray.models.text_encoder import TextEncoderConfig
 from cineray.models.upscaler import UpscalerConfig
 from cineray.models.video_vae import VAEConfig
-from cineray.pipelines.flow import FlowConfig, SamplerConfig
+from cineray.pipelines.flow import FlowConfig
 from cineray.pipelines.provenance import ProvenanceConfig
 from cineray.pipelines.training import TaskConfig
 from cineray.storage import StorageConfig
@@ -52,7 +52,6 @@ class CinerayConfig:
     upscaler_spatial: UpscalerConfig = field(default_factory=lambda: UpscalerConfig("spatial"))
     upscaler_temporal: UpscalerConfig = field(default_factory=lambda: UpscalerConfig("temporal"))
     flow: FlowConfig = field(default_factory=FlowConfig)  # training noise process
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # generation defaults
     task: TaskConfig = field(default_factory=TaskConfig)  # training losses and augmentation
     train: TrainConfig = field(default_factory=TrainConfig)  # the training job (jobs/train.py)
     # watermark key and C2PA signing material (a deployment sets its own secret key)

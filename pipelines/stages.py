@@ -10,8 +10,10 @@ torch are float (B, 3, T, H, W) in [-1, 1]; latents are the VAE's normalised (B,
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -146,7 +148,8 @@ class Components:
         upscaler_temporal}/). A missing VAE or denoiser is built from `preset` with random weights
         (seeded by `seed`) and a warning: it renders noise until a trained one is exported. A
         missing upscaler is its untrained self, which is exactly its fixed interpolation (its
-        residual head starts at zero)."""
+        residual head starts at zero). `folder`/sampler.json, when there, holds the sampler
+        defaults the checkpoint was evaluated with (SamplerConfig fields; requests override)."""
         if preset not in TEXT_PRESETS:
             raise ValueError(f"preset must be one of {', '.join(TEXT_PRESETS)}, got {preset!r}")
         presets = {"vae": VAE_PRESETS[preset], "denoiser": DIT_PRESETS[preset],
@@ -177,7 +180,22 @@ class Components:
                              f"{dit_c}; export both from the same training run into {folder}")
         text = text or shared_text_encoder(preset, str(device))
         flow = RectifiedFlow(FlowConfig(), models["denoiser"].cfg.prediction)
-        return cls(text=text, flow=flow, random=tuple(random), **models)
+        return cls(text=text, flow=flow, sampler=checkpoint_sampler(folder),
+                   random=tuple(random), **models)
+
+
+def checkpoint_sampler(folder: str | os.PathLike) -> SamplerConfig:
+    """SamplerConfig from `folder`/sampler.json (the defaults shipped with a checkpoint), or the
+    built-in defaults when there is none."""
+    path = Path(folder) / "sampler.json"
+    if not path.is_file():
+        return SamplerConfig()
+    values = json.loads(path.read_text())
+    known = {f.name for f in dataclasses.fields(SamplerConfig)}
+    if not isinstance(values, dict) or set(values) - known:
+        raise ValueError(f"{path}: expected an object with keys among {', '.join(sorted(known))}, "
+                         f"got {values!r}")
+    return SamplerConfig(**values)
 
 
 @functools.lru_cache(maxsize=4)

@@ -182,3 +182,13 @@ def test_exported_components_are_loaded_and_missing_ones_are_random(components, 
         assert torch.equal(loaded.vae.state_dict()[k], v)
     assert loaded.text is components.text  # the frozen text encoder is loaded once per process
     check_request(loaded, REQ)
+
+
+def test_a_checkpoint_ships_its_sampler_defaults(components, tmp_path):
+    save_component("vae", components.vae, tmp_path / "vae")
+    assert Components.load(tmp_path).sampler == SamplerConfig()
+    (tmp_path / "sampler.json").write_text('{"shift": 3.0, "guidance": 5.0}')
+    assert Components.load(tmp_path).sampler == SamplerConfig(shift=3.0, guidance=5.0)
+    (tmp_path / "sampler.json").write_text('{"shfit": 3.0}')
+    with pytest.raises(ValueError, match="sampler.json: expected an object with keys among"):
+        Components.load(tmp_path)
