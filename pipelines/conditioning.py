@@ -37,11 +37,11 @@ class CachedTextEncoder:
             emb = self.encoder(missing)
             for i, p in enumerate(missing):
                 self.cache[p] = (emb.tokens[i].half(), emb.mask[i], emb.pooled[i])
-            while len(self.cache) > self.max_items:
-                self.cache.popitem(last=False)
         rows = [self.cache[p] for p in prompts]
         for p in prompts:
             self.cache.move_to_end(p)
+        while len(self.cache) > self.max_items:  # after the lookup: never this batch's rows
+            self.cache.popitem(last=False)
         return TextEmbedding(tokens=torch.stack([r[0].float() for r in rows]),
                              mask=torch.stack([r[1] for r in rows]),
                              pooled=torch.stack([r[2] for r in rows]))

@@ -32,3 +32,16 @@ def test_frozen(encoder):
 def test_single_string_is_rejected(encoder):
     with pytest.raises(TypeError):
         encoder("a red ball")
+
+
+def test_the_prompt_cache_keeps_the_batch_it_serves(encoder):
+    """A full LRU cache evicts after the lookup: a prompt hit in this batch is never the one
+    dropped to make room for this batch's new prompts."""
+    from cineray.pipelines.conditioning import CachedTextEncoder
+
+    cached = CachedTextEncoder(encoder, max_items=2)
+    cached(["a red ball", "a blue box"])
+    out = cached(["a red ball", "a green star"])  # "a red ball" is the oldest entry
+    assert list(cached.cache) == ["a red ball", "a green star"]
+    torch.testing.assert_close(out.pooled, encoder(["a red ball", "a green star"]).pooled)
+    assert cached(["x", "y", "z"]).tokens.shape[0] == 3 and len(cached.cache) == 2
