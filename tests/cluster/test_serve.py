@@ -216,7 +216,7 @@ def test_killed_denoiser_replica_loses_nothing(served, client, ray_cluster):
     job = _wait(client, job_id)
     assert job["status"] == "completed", job["error"]
     keys = sorted((w["level"], w["index"]) for w in job["windows"])
-    assert keys == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0)]  # each window once
+    assert keys == [(0, 0), (0, 1), (0, 2), (0, 3), (0, 4), (1, 0)]  # each window once
     # The killed replica's window was sent again (by Serve's router, or by the orchestrator,
     # which counts its own resends in `attempts`): more denoise calls than windows.
     assert _counters(ray_cluster)["denoise"] - calls > 5

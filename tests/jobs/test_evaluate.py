@@ -96,7 +96,7 @@ def test_suite_is_deterministic_and_covers_every_case():
 
 def test_long_clips_need_four_windows():
     with pytest.raises(ValueError, match="long clips need >= 4"):
-        SuiteConfig(long_frames=49)
+        SuiteConfig(long_frames=33)
     with pytest.raises(ValueError, match="per_case"):
         SuiteConfig(per_case=0)
 
