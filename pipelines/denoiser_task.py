@@ -127,7 +127,7 @@ class DenoiserTask:
             for i in todo:
                 if len(self.latent_cache) < self.task.latent_cache:
                     self.latent_cache[names[i]] = tuple(t.half() for t in fresh[i])
-        rows = [fresh.get(i) or self.latent_cache[n] for i, n in enumerate(names)]
+        rows = [fresh[i] if i in fresh else self.latent_cache[n] for i, n in enumerate(names)]
         return (torch.stack([r[0] for r in rows]).float().to(x.device),
                 torch.stack([r[1] for r in rows]).float().to(x.device))
 

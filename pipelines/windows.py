@@ -12,7 +12,7 @@ A clip longer than one window is generated coarse-to-fine (NUWA-XL, Yin et al. 2
 3. Neighbouring windows share `overlap` pixel frames, blended with a linear ramp. The default
    overlap of 5 frames (one latent group) is keyed at both of its ends in both windows (the next
    window's start and its first group end), so the two windows agree there and the ramp hides
-   the hand-over: the evaluator's seam score fell from 1.30 (overlap 1) to 1.04 with the shipped
+   the hand-over: the evaluator's seam score fell from 1.30 (overlap 1) to 1.04 with the 5,000-step
    denoiser, for 5 windows instead of 4 on a 65-frame clip.
 
 Lengths that do not line up: windows have a fixed length (default 17 = 1 + 4*4) and step
