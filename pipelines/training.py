@@ -129,16 +129,20 @@ class UpscalerTask:
         return loss, {"l1": (pred.float() - hi).abs().mean().item()}
 
     def _crop(self, lo: torch.Tensor, hi: torch.Tensor):
-        """Random aligned crop: a `crop`-pixel square of the output (space), or a run of frames."""
+        """Random aligned crop: a `crop`-pixel square of the output, and for the temporal stage
+        also a run of 9 input frames (-> 17 output frames)."""
         c = self.task.crop
+        h, w = lo.shape[-2:]
+        s = 2 if self.cfg.kind == "spatial" else 1  # output pixels per input pixel
+        cl = min(c // s, h, w)
+        y = int(torch.randint(0, h - cl + 1, (1,), generator=self.gen))
+        x = int(torch.randint(0, w - cl + 1, (1,), generator=self.gen))
+        lo = lo[..., y : y + cl, x : x + cl]
+        hi = hi[..., s * y : s * (y + cl), s * x : s * (x + cl)]
         if self.cfg.kind == "spatial":
-            h, w = lo.shape[-2:]
-            cl = min(c // 2, h, w)
-            y = int(torch.randint(0, h - cl + 1, (1,), generator=self.gen))
-            x = int(torch.randint(0, w - cl + 1, (1,), generator=self.gen))
-            return lo[..., y : y + cl, x : x + cl], hi[..., 2 * y : 2 * y + 2 * cl, 2 * x : 2 * x + 2 * cl]
+            return lo, hi
         t = lo.shape[2]
-        n = min(9, t)  # 9 low-rate frames -> 17 high-rate frames
+        n = min(9, t)
         a = int(torch.randint(0, t - n + 1, (1,), generator=self.gen))
         return lo[:, :, a : a + n], hi[:, :, 2 * a : 2 * a + 2 * n - 1]
 

@@ -62,6 +62,29 @@ def test_loss_is_finite_and_trains_the_model(cfg, component, hr):
     assert dead == []
 
 
+@pytest.mark.parametrize("kind", ["spatial", "temporal"])
+def test_upscaler_crops_stay_aligned(cfg, kind):
+    """The crop pairs each output pixel and frame with the input it is made from."""
+    small = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, crop=16))
+    task = make_task(f"upscaler_{kind}", small)
+    lo = torch.arange(17 * 24 * 24, dtype=torch.float32).view(1, 1, 17, 24, 24)
+    if kind == "spatial":  # each input pixel covers 2x2 output pixels
+        hi = lo.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+    else:  # even output frames are the input frames
+        hi = torch.zeros(1, 1, 33, 24, 24)
+        hi[:, :, ::2] = lo
+    for _ in range(5):
+        a, b = task._crop(lo, hi)
+        if kind == "spatial":
+            assert a.shape[-1] == 8 and b.shape[-1] == 16 and a.shape[2] == b.shape[2] == 17
+            assert torch.equal(b[..., ::2, ::2], a)
+        else:
+            assert a.shape[-2:] == b.shape[-2:] == (16, 16)
+            assert (a.shape[2], b.shape[2]) == (9, 17)
+            assert torch.equal(b[:, :, ::2], a)
+            assert a.unique().numel() == a.numel()  # a real crop, not a constant
+
+
 def test_specs_pick_each_components_renditions():
     world = WorldConfig()
     assert spec_for("denoiser", world).fps is None  # every frame rate (the keyframe pass)
