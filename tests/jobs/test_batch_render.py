@@ -189,15 +189,9 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
-@pytest.fixture(scope="module")
-def ray_head(s3_server):
-    """A Ray head (2 CPUs, dashboard for job submission) in its own process group on free
-    loopback ports and its own temp dir; yields the dashboard URL. Stopped by signalling its
-    process group (`ray stop` would stop every Ray on the machine)."""
-    from ray.job_submission import JobSubmissionClient
-
+def _start_head(temp: str) -> tuple[subprocess.Popen, str]:
+    """`ray start --head` on free loopback ports; its output goes to temp/head.log."""
     gcs, dash, node, obj, client, agent, grpc, metrics, renv, w0 = _free_ports(10)
-    temp = tempfile.mkdtemp(prefix="crb", dir="/tmp")  # short: Ray's socket paths have a limit
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}  # loopback test cluster (see NOTES)
     ray_bin = str(Path(sys.executable).with_name("ray"))
     cmd = [ray_bin, "start", "--head", "--block", "--disable-usage-stats",
@@ -209,35 +203,65 @@ def ray_head(s3_server):
            f"--runtime-env-agent-port={renv}", f"--min-worker-port={w0 % 20000 + 30000}",
            f"--max-worker-port={w0 % 20000 + 30200}", "--object-store-memory=400000000",
            f"--temp-dir={temp}"]  # fmt: skip
-    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dash}"
+    with open(Path(temp) / "head.log", "ab") as log:
+        head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log,
+                                stderr=subprocess.STDOUT)
+    return head, f"http://127.0.0.1:{dash}"
+
+
+def _log(temp: str) -> str:
+    return "its log:\n" + (Path(temp) / "head.log").read_text(errors="replace")[-3000:]
+
+
+def _stop_head(head: subprocess.Popen) -> None:
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if head.poll() is None:
+            os.killpg(head.pid, sig)
+            try:
+                head.wait(wait)
+            except subprocess.TimeoutExpired:
+                pass
+    try:
+        os.killpg(head.pid, signal.SIGKILL)  # Ray processes left in the group
+    except ProcessLookupError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def ray_head(s3_server):
+    """A Ray head (2 CPUs, dashboard for job submission) in its own process group on free
+    loopback ports and its own temp dir; yields the dashboard URL. Stopped by signalling its
+    process group (`ray stop` would stop every Ray on the machine). A head that exits while
+    starting (another process took one of its ports between the probe and `ray start`) is
+    started again on new ports, up to 3 times; its log is in the error."""
+    from ray.job_submission import JobSubmissionClient
+
+    temp = tempfile.mkdtemp(prefix="crb", dir="/tmp")  # short: Ray's socket paths have a limit
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "disabled"
+    head = None
     try:
-        deadline = time.time() + 300
-        while True:  # ready when it runs a job (the dashboard answers before its agent does)
-            try:
-                probe = JobSubmissionClient(address).submit_job(entrypoint="true")
+        for attempt in range(3):
+            head, address = _start_head(temp)
+            deadline = time.time() + 300
+            while head.poll() is None:  # ready when it runs a job (the dashboard answers first)
+                try:
+                    probe = JobSubmissionClient(address).submit_job(entrypoint="true")
+                    break
+                except Exception:
+                    if time.time() > deadline:
+                        raise RuntimeError(f"ray head did not answer in 300 s; {_log(temp)}") from None
+                    time.sleep(1)
+            if head.poll() is None:
                 break
-            except Exception:
-                if time.time() > deadline or head.poll() is not None:
-                    raise RuntimeError(f"ray head did not start (exit {head.poll()})") from None
-                time.sleep(1)
+            _stop_head(head)
+            if attempt == 2:
+                raise RuntimeError(f"ray head exited ({head.poll()}) 3 times; {_log(temp)}")
         _wait(address, probe)
         yield address
     finally:
-        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            if head.poll() is None:
-                os.killpg(head.pid, sig)
-                try:
-                    head.wait(wait)
-                except subprocess.TimeoutExpired:
-                    pass
-        try:
-            os.killpg(head.pid, signal.SIGKILL)  # Ray processes left in the group
-        except ProcessLookupError:
-            pass
+        if head is not None:
+            _stop_head(head)
         os.environ.pop("RAY_AUTH_MODE") if old is None else os.environ.update(RAY_AUTH_MODE=old)
         shutil.rmtree(temp, ignore_errors=True)  # the head's logs and sockets
 
