@@ -6,8 +6,9 @@
    generate.render_to_file in this process. Goal: ratio <= 1.10. Rounds interleave the two
    paths (so a change in the machine's load hits both) and each request has a new prompt (each
    pays its text encoding); the median per path counts.
-2. Scaling: a long clip (129 frames: a keyframe pass and 11 windows; 8 with a 1-frame overlap) on 2 Denoiser replicas and
-   on 1, end to end over HTTP; speed-up = time(1) / time(2), best of `repeats` each.
+2. Scaling: a long clip (129 frames: a keyframe pass and 11 windows; 8 with a 1-frame overlap)
+   on 2 Denoiser replicas and on 1, end to end over HTTP; speed-up = time(1) / time(2), best of
+   `repeats` each.
 
 Shipped checkpoint (random upscalers are not used here), torch on one thread per process, a
 local Ray with 2 CPUs. Wall times: the DAG spans processes, so CPU time of one process says
