@@ -98,7 +98,7 @@ def test_render_preview_and_upscaled_mp4(served, client):
             "sign", "store", "total"} <= set(done["timings"])
     # Every output is watermarked and signed: POST /v1/verify reads the job's payload back.
     report = client.post("/v1/verify", json={"video_id": job["id"]}).json()
-    assert report["watermark"]["watermarked"] and report["payload_matches_manifest"]
+    assert report["watermark"]["watermarked"] and report["payload_matches_manifest"], report
     assert report["c2pa"]["valid_apart_from_trust"]
     # ...under the deployment's own key and local CA folder (AppArgs), not the defaults.
     from cineray.pipelines.provenance import ProvenanceConfig, detect_mp4
