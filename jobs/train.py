@@ -179,10 +179,18 @@ def _worker(args: dict) -> None:
 
 
 def _warm_start(model: torch.nn.Module, storage: Storage, tc: TrainConfig) -> dict | None:
-    """Load train.init_from (exported weights) into the plain model; returns its EMA or None."""
+    """Load train.init_from (exported weights) into the plain model; returns its EMA or None.
+
+    When the task freezes part of the model (a decoder fine-tuned on a fixed encoder), the frozen
+    parameters and the buffers come from the EMA weights: those are what users of the export,
+    and models trained on its outputs, ran on; the raw weights differ a little."""
     if not tc.init_from:
         return None
     raw, ema = train_io.load_init_weights(storage, tc.init_from, tc.component)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    if frozen and ema is not None:
+        fixed = frozen | {n for n, _ in model.named_buffers()}
+        raw = {k: ema[k] if k in fixed else v for k, v in raw.items()}
     model.load_state_dict(raw)
     return ema
 

@@ -7,6 +7,7 @@ window's overlap), and keyframe images guiding later groups (the long-clip keyfr
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, build
 from cineray.pipelines.flow import RectifiedFlow
 from cineray.pipelines.training import DataSpec, TaskConfig, to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component
-from cineray.world import WorldConfig, captions, sample_scene
+from cineray.world import _WORDS, WorldConfig, captions, sample_scene
 
 
 def world_caption_sample(n: int, seed: int = 0) -> list[str]:
@@ -28,6 +29,43 @@ def world_caption_sample(n: int, seed: int = 0) -> list[str]:
         phrasings = captions(sample_scene(cfg, seed + i), seed + i, style="train")
         out.append(phrasings[i % len(phrasings)])
     return out
+
+
+class UnknownWords:
+    """Swaps a caption's colour and shape words for random words of the text encoder's
+    vocabulary that no world caption uses, training or held-out.
+
+    The model cannot know what an unfamiliar word means, but it should still render one clean
+    object doing what the rest of the prompt asks; without this, a single unknown word pulls the
+    prompt off the training distribution and guidance turns it into a smear. Held-out words are
+    never drawn, so the evaluation's unseen phrasings stay unseen."""
+
+    def __init__(self, vocabulary: list[str]):
+        def words(x) -> set[str]:
+            if isinstance(x, str):
+                return set(re.findall(r"[a-z]+", x))
+            items = x.values() if isinstance(x, dict) else x
+            return set().union(*(words(v) for v in items))
+
+        self.targets = words(_WORDS["train"]["colour"]) | words(_WORDS["train"]["shape"])
+        world = words(_WORDS)
+        self.pool = sorted(w for w in vocabulary if re.fullmatch(r"[a-z]{3,12}", w)
+                           and w not in world)
+
+    def __call__(self, caption: str, gen: torch.Generator) -> str:
+        """caption with each colour/shape word swapped with probability 1/2 (at least one)."""
+        words = caption.split(" ")
+        idx = [i for i, w in enumerate(words) if w in self.targets]
+        if not idx:
+            return caption
+        swap = torch.rand(len(idx), generator=gen) < 0.5
+        if not swap.any():
+            swap[int(torch.randint(len(idx), (1,), generator=gen))] = True
+        for i in (i for i, s in zip(idx, swap.tolist(), strict=True) if s):
+            words[i] = self.pool[int(torch.randint(len(self.pool), (1,), generator=gen))]
+            if i > 0 and words[i - 1] in ("a", "an"):
+                words[i - 1] = "an" if words[i][0] in "aeiou" else "a"
+        return " ".join(words)
 
 
 def keyframe_latents(vae, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +119,7 @@ class DenoiserTask:
             raise ValueError(f"denoiser.latent_channels={cfg.denoiser.latent_channels} but the "
                              f"VAE at {folder} has {self.vae.cfg.latent_channels}")
         self.text = CachedTextEncoder(TextEncoder(cfg.text))
+        self.unknown = UnknownWords(list(self.text.encoder.tokenizer.get_vocab()))
         # (clip_id, crop start) -> (latents, keyframe latents) in float16, see latents()
         self.latent_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -97,7 +136,9 @@ class DenoiserTask:
         b = frames.shape[0]
         drop_text = torch.rand(b, generator=self.gen) < self.task.caption_dropout
         drop_cam = torch.rand(b, generator=self.gen) < self.task.camera_dropout
-        prompts = ["" if d else c for c, d in zip(batch["caption"], drop_text, strict=True)]
+        swap = (torch.rand(b, generator=self.gen) < self.task.unknown_words).tolist()
+        prompts = ["" if d else self.unknown(c, self.gen) if u else c
+                   for c, d, u in zip(batch["caption"], drop_text, swap, strict=True)]
         cams = [UNSPECIFIED if d else c for c, d in zip(batch["camera"], drop_cam, strict=True)]
         speeds = [0.0 if d else float(s) for s, d in zip(batch["camera_speed"], drop_cam,
                                                           strict=True)]

@@ -83,6 +83,17 @@ def test_vae_zero2_from_s3_resumes_by_name_and_exports(ray_cluster, s3_server, s
     assert train_io.weights_digest(ema_sd) == train_io.weights_digest(ema.state_dict())
     with pytest.raises(ValueError, match="holds a 'vae', not a 'denoiser'"):
         _warm_start(model, storage, dataclasses.replace(warm, component="denoiser"))
+    # A decoder fine-tune freezes the encoder: it and the latent statistics come from the EMA
+    # weights, the latent space the export's users (and a denoiser) saw; the decoder from raw.
+    model = VideoVAE(cfg.vae)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith("enc_"))
+    _warm_start(model, Storage(cfg.storage), warm)
+    sd, ema_sd = model.state_dict(), ema.state_dict()
+    for name in sd:
+        want = ema_sd if name.startswith(("enc_", "latent_")) else raw
+        assert torch.equal(sd[name], want[name].to(sd[name].dtype)), name
+    assert not torch.equal(sd["dec_in.conv.weight"], ema_sd["dec_in.conv.weight"])
 
     # A bf16 export (what ships in the repository) is half the size and loads as fp32 weights
     # within bf16 rounding of the fp32 export.

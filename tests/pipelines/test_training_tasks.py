@@ -11,10 +11,10 @@ import torch
 
 from cineray.config import load_config
 from cineray.models.video_vae import VideoVAE
-from cineray.pipelines.denoiser_task import keyframe_latents, training_frames
+from cineray.pipelines.denoiser_task import UnknownWords, keyframe_latents, training_frames
 from cineray.pipelines.training import TaskConfig, edge_weights, make_task, spec_for, to_video
 from cineray.pipelines.weights import save_component
-from cineray.world import WorldConfig, captions, render, sample_scene
+from cineray.world import _WORDS, WorldConfig, captions, render, sample_scene
 
 
 def world_batch(n: int, frames: int = 17, size: int = 32, fps: float = 8.0, hr: str = "") -> dict:
@@ -145,12 +145,65 @@ def test_denoiser_latents_are_encoded_once_per_clip(cfg):
     assert calls == [4, 20]
 
 
+def test_unknown_words_replace_colour_and_shape_with_words_no_caption_uses():
+    vocab = ["red", "crimson", "orb", "ball", "quartz", "lantern", "ox", "##ing", "Paris",
+             "falls", "camera", "x1", "maple"]
+    unknown = UnknownWords(vocab)
+    assert unknown.pool == ["lantern", "maple", "quartz"]  # world words, held-out too, are out
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    for _ in range(50):
+        words = unknown("an orange ball falls and bounces with a small red disc nearby",
+                        gen).split(" ")
+        assert words[3:9] == ["falls", "and", "bounces", "with", "a", "small"]
+        assert words[11] == "nearby"
+        swapped = [words[i] for i in (1, 2, 9, 10) if words[i] in unknown.pool]
+        assert swapped and len(swapped) == 4 - sum(
+            w == o for w, o in zip([words[i] for i in (1, 2, 9, 10)],
+                                   ["orange", "ball", "red", "disc"], strict=True))
+        assert words[0] == ("an" if words[1] == "orange" else "a")  # the article follows
+        seen.update(swapped)
+    assert seen == set(unknown.pool)
+    assert unknown("the camera pans left", gen) == "the camera pans left"
+    held_out = {w for att in ("colour", "shape") for ws in _WORDS["heldout"][att].values()
+                for phrase in ws for w in phrase.split()}
+    assert unknown.targets.isdisjoint(held_out)
+
+
+def test_denoiser_trains_on_unknown_words_only_when_asked(cfg):
+    batch = world_batch(16)
+    prompts = {}
+    for p in (0.0, 1.0):
+        task = make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+            cfg.task, unknown_words=p, caption_dropout=0.0)))
+        task.conditioning(batch, torch.zeros(16, 10, 5, 8, 8))
+        prompts[p] = list(task.text.cache)
+    assert set(prompts[0.0]) == set(batch["caption"])
+    assert prompts[1.0] and set(prompts[1.0]).isdisjoint(batch["caption"])
+
+
 def test_vae_task_tracks_latent_statistics(cfg):
     task = make_task("vae", dataclasses.replace(cfg, task=TaskConfig(kl_weight=0.0)))
     model = task.build_model()
     for _ in range(3):
         task.loss(model, world_batch(2), step=0)
     assert model.latent_std.ne(1).all() and model.latent_mean.ne(0).all()
+
+
+def test_vae_decoder_only_keeps_the_latent_space(cfg):
+    """Decoder fine-tuning: only decoder parameters train, and the encoder and the latent
+    statistics a denoiser was trained against stay exactly as they were."""
+    task = make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(
+        cfg.task, decoder_only=True, temporal_weight=1.0)))
+    model = task.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    loss, parts = task.loss(model, world_batch(2), step=0)
+    loss.backward()
+    assert parts["dt"] > 0
+    for name, p in model.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == (not name.startswith("enc_")), name
+    for name, v in model.state_dict().items():
+        assert torch.equal(v, before[name]), name
 
 
 def test_edge_weights_favour_object_edges():
