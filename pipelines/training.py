@@ -105,14 +105,7 @@ class VAETask:
 
     def loss(self, model, batch: dict, step: int):
         x = to_video(batch["video"]).to(_dtype(model))
-        vae = getattr(model, "module", model)
-        if self.task.decoder_only:
-            with torch.no_grad():
-                mean, logvar = vae.encode_dist(x)
-                z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-            recon = vae.decode(vae.normalize(z))
-        else:
-            recon, mean, logvar = model(x)
+        recon, mean, logvar = model(x)  # a frozen encoder (decoder_only) keeps no graph
         x = x.float()
         rec = weighted_l1_l2(recon, x, edge_weights(x, self.task.edge_weight))
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
@@ -120,7 +113,7 @@ class VAETask:
         loss = rec + self.task.temporal_weight * dt
         if not self.task.decoder_only:
             loss = loss + self.task.kl_weight * kl
-            track_latent_stats(vae, mean.detach().float())
+            track_latent_stats(getattr(model, "module", model), mean.detach().float())
         return loss, {"rec": rec.item(), "kl": kl.item(), "dt": dt.item()}
 
 
