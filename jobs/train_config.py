@@ -53,6 +53,9 @@ class TrainConfig:
     threads_per_worker: torch intra-op threads per worker (1 on a 2-core box with 2 workers).
     cpus_per_worker: Ray CPUs reserved per worker (leave some for decoding when data.cache=false).
     precision: "fp32" or "bf16" (fp16 has no CPU support in DeepSpeed).
+    decay_steps: with cosine=false, the LR stays flat after warm-up and then falls linearly to
+        min_lr_ratio over the last decay_steps steps before max_steps (warmup-stable-decay,
+        Hägele et al. 2024): a run can go on at a flat LR and be cooled down when it is to ship.
     ema_decay: the target decay; the decay actually used at step s is
         min(ema_decay, (1 + s) / (10 + s)), because a fixed 0.999 lags far behind early on.
     init_from: a directory written by export (model.safetensors) to warm-start from; the
@@ -79,6 +82,7 @@ class TrainConfig:
     max_steps: int = 1000
     cosine: bool = True
     min_lr_ratio: float = 0.1
+    decay_steps: int = 0
     ema_decay: float = 0.999
     log_every: int = 10
     checkpoint_every: int = 100
@@ -100,5 +104,8 @@ class TrainConfig:
                      "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be >= 1")
+        if self.decay_steps < 0 or (self.decay_steps and self.cosine):
+            raise ValueError(f"train.decay_steps={self.decay_steps}: use a count >= 0, and only "
+                             "with train.cosine=false (the cosine already decays)")
         if not self.run_name or "/" in self.run_name:
             raise ValueError(f"train.run_name={self.run_name!r} must be a non-empty name, no '/'")

@@ -155,7 +155,7 @@ def test_denoiser_zero3_bf16_survives_a_killed_worker(ray_cluster, tmp_path):
     assert rows[resumed[0]]["resumed_digest"] == before["weights_digest"]
 
 
-def test_lr_warms_up_then_follows_a_cosine_and_ema_decay_warms_up():
+def test_lr_warms_up_then_follows_a_cosine_or_a_flat_then_linear_decay_and_ema_warms_up():
     from cineray.cluster.deepspeed_setup import ema_decay_at, lr_lambda
     from cineray.jobs.train_config import TrainConfig
 
@@ -164,6 +164,10 @@ def test_lr_warms_up_then_follows_a_cosine_and_ema_decay_warms_up():
     assert [round(f(s), 3) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1)
     assert lr_lambda(dataclasses.replace(tc, cosine=False))(100) == 1.0
+    wsd = lr_lambda(dataclasses.replace(tc, cosine=False, decay_steps=40))  # flat to 70, then down
+    assert [round(wsd(s), 3) for s in (9, 70, 90, 110, 500)] == [1.0, 1.0, 0.55, 0.1, 0.1]
+    with pytest.raises(ValueError, match="decay_steps"):
+        TrainConfig(decay_steps=40)  # with the cosine on
     assert ema_decay_at(0.999, 0) == pytest.approx(0.1)
     assert ema_decay_at(0.999, 90) == pytest.approx(0.91)
     assert ema_decay_at(0.999, 100_000) == 0.999
