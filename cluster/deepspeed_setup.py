@@ -55,8 +55,10 @@ def lr_lambda(cfg: TrainConfig) -> Callable[[int], float]:
         if step < cfg.warmup_steps:
             return (step + 1) / cfg.warmup_steps
         if not cfg.cosine:
-            left = min(1.0, max(0.0, (cfg.max_steps - step) / max(1, cfg.decay_steps)))
-            return 1.0 if not cfg.decay_steps else cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left
+            if not cfg.decay_steps:
+                return 1.0
+            left = min(1.0, max(0.0, (cfg.max_steps - step) / cfg.decay_steps))
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * left
         span = max(1, cfg.max_steps - cfg.warmup_steps)
         progress = min(1.0, (step - cfg.warmup_steps) / span)
         return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
