@@ -90,6 +90,8 @@ class WorldConfig:
     p_camera_motion: float = 0.5
     focal_length_mm: tuple[float, float] = (24.0, 85.0)
     camera_speed: tuple[float, float] = (0.1, 0.2)  # pan: frames/s; zoom: d(ln zoom)/dt
+    # relative weights of the moving cameras, CAMERAS[1:] in order (pans, tilts, zooms, dolly zoom)
+    camera_weights: list[float] = field(default_factory=lambda: [1.0] * (len(CAMERAS) - 1))
     texture_strength: float = 0.16  # value contrast of the background pattern
     holdout: list[str] = field(default_factory=lambda: list(DEFAULT_HOLDOUT))
     fps_choices: list[float] = field(default_factory=lambda: [8.0])
@@ -106,6 +108,10 @@ class WorldConfig:
         if min(self.fps_choices) <= 0 or min(self.fps_weights) < 0 or sum(self.fps_weights) <= 0:
             raise ValueError(f"fps_choices must be > 0 and fps_weights >= 0 with a positive sum, "
                              f"got {self.fps_choices} / {self.fps_weights}")  # fmt: skip
+        if len(self.camera_weights) != len(CAMERAS) - 1 or min(self.camera_weights) < 0 \
+                or sum(self.camera_weights) <= 0:
+            raise ValueError(f"camera_weights={list(self.camera_weights)} must be {len(CAMERAS) - 1} "
+                             f"weights >= 0 with a positive sum, one per camera of {CAMERAS[1:]}")
         for name in ("object_size", "object_speed", "focal_length_mm", "camera_speed"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi:
@@ -329,7 +335,10 @@ def sample_scene(cfg: WorldConfig, seed: int, heldout: bool | None = False) -> S
     fps = float(cfg.fps_choices[rng.choice(len(w), p=w / w.sum())])
     aspect, t = cfg.width / cfg.height, np.arange(cfg.frames) / fps
     scene_dur = (cfg.frames - 1) / fps
-    camera = str(rng.choice(CAMERAS[1:])) if rng.random() < cfg.p_camera_motion else "static"
+    camera = "static"
+    if rng.random() < cfg.p_camera_motion:
+        cw = np.asarray(cfg.camera_weights, dtype=np.float64)  # equal weights: the uniform draw
+        camera = str(rng.choice(CAMERAS[1:], p=cw / cw.sum() if np.ptp(cw) else None))
     focal = float(np.exp(rng.uniform(*np.log(cfg.focal_length_mm))))
     second = rng.random() < cfg.p_second_object
     misses = 0

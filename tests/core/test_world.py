@@ -94,6 +94,18 @@ def test_config_errors_name_the_field():
         WorldConfig(object_size=(0.3, 0.2))
     with pytest.raises(ValueError, match="p_camera_motion=1.5"):
         WorldConfig(p_camera_motion=1.5)
+    with pytest.raises(ValueError, match=r"camera_weights=\[1.0, 2.0\] must be 7 weights"):
+        WorldConfig(camera_weights=[1.0, 2.0])
+
+
+def test_camera_weights_shift_the_mix_of_moving_cameras():
+    cfg = dataclasses.replace(CFG, p_camera_motion=1.0, camera_weights=[1, 1, 1, 1, 4, 4, 0])
+    cams = [sample_scene(cfg, s).camera for s in range(600)]
+    assert "static" not in cams and "dolly_zoom" not in cams
+    assert 0.25 < cams.count("zoom_in") / 600 < 0.42 and 0.04 < cams.count("pan_left") / 600 < 0.14
+    # equal weights of any size keep the default draw, so existing seeds give the same scenes
+    same = dataclasses.replace(CFG, camera_weights=[3.0] * 7)
+    assert all(sample_scene(same, s).camera == sample_scene(CFG, s).camera for s in range(100))
 
 
 def test_fps_is_a_weighted_per_clip_choice():
