@@ -15,7 +15,7 @@ import torch
 from cineray.models.dit import DiT
 from cineray.models.text_encoder import TextEncoder
 from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, build_conditioning
-from cineray.pipelines.flow import RectifiedFlow
+from cineray.pipelines.flow import RectifiedFlow, resample, timesteps
 from cineray.pipelines.training import DataSpec, TaskConfig, to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component
 from cineray.world import _WORDS, WorldConfig, captions, sample_scene
@@ -179,3 +179,52 @@ class DenoiserTask:
         cond = self.conditioning(batch, frames)
         loss = self.flow.loss(model, z, cond, weight=1 - exact, generator=self.gen)
         return loss, {}
+
+
+class DenoiserSamples:
+    """Latents finished by an exported denoiser, for fine-tuning the VAE decoder on them.
+
+    A clip's latents are noised to a level t0 drawn from the sampler's grid within
+    [t_min, t_max] and sampled back to 0 with the denoiser, its caption and camera, and the
+    checkpoint's sampler settings (guidance included): SDEdit (Meng et al. 2022). The result
+    keeps the clip's layout but carries the denoiser's own finishing errors (an outline that
+    wobbles, a still background that shimmers), so a decoder trained to turn it back into the
+    real clip learns to undo them, as LTX-Video's decoder takes over the last denoising step
+    (HaCohen et al. 2024)."""
+
+    def __init__(self, folder: str | Path, cfg, t_min: float, t_max: float,
+                 generator: torch.Generator):
+        from cineray.pipelines.stages import checkpoint_sampler  # noqa: PLC0415
+
+        folder = Path(folder)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"task.decoder_samples={folder}: no exported denoiser there; "
+                                    f"point it at a denoiser export folder")
+        if not 0.0 < t_min <= t_max <= 1.0:
+            raise ValueError(f"task.samples_t_min/t_max must satisfy 0 < min <= max <= 1, got "
+                             f"{t_min}, {t_max}")
+        self.model = load_component(folder).requires_grad_(False).eval()
+        self.flow = RectifiedFlow(cfg.flow, self.model.cfg.prediction)
+        self.text = CachedTextEncoder(TextEncoder(cfg.text))
+        self.sampler = checkpoint_sampler(folder.parent)  # what generation uses with it
+        grid = timesteps(self.sampler.steps, self.sampler.shift).tolist()
+        self.levels = [t for t in grid if t_min <= t <= t_max] or [t_max]
+        self.gen = generator
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, batch: dict) -> torch.Tensor:
+        """Normalised latents (B, C, T', h, w) of the batch's clips -> finished latents."""
+        b, c = z.shape[:2]
+        self.model.to(z.device)
+        frames = torch.zeros(b, c + 2, *z.shape[2:], device=z.device)
+        focals = [float(f) for f in batch["focal_length_mm"]]
+        fps = [float(f) for f in batch["fps"]]
+        cond = build_conditioning(self.text(list(batch["caption"])), list(batch["camera"]),
+                                  [float(s) for s in batch["camera_speed"]], focals, fps, frames)
+        uncond = None
+        if self.sampler.guidance != 1.0:
+            uncond = build_conditioning(self.text([self.sampler.negative_prompt] * b),
+                                        [UNSPECIFIED] * b, [0.0] * b, focals, fps, frames)
+        t0 = self.levels[int(torch.randint(len(self.levels), (1,), generator=self.gen))]
+        return resample(self.model, self.flow, self.sampler, z.float(), cond, uncond, t0,
+                        self.gen).to(z.dtype)

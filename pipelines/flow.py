@@ -33,6 +33,16 @@ class SamplerConfig:
     guidance: float = 4.0  # classifier-free guidance scale; 1 = conditional prediction only
     shift: float = 1.0  # timestep shift (SD3): >1 spends more steps at high noise
     negative_prompt: str = ""
+    # Guidance only for t in [lo, hi] (Kynkaenniemi et al. 2024); outside it, the conditional
+    # prediction alone (one model call a step instead of two).
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+
+    def __post_init__(self):
+        lo, hi = (float(v) for v in self.guidance_interval)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                             f"got {list(self.guidance_interval)!r}")
+        self.guidance_interval = (lo, hi)
 
 
 class RectifiedFlow:
@@ -114,14 +124,15 @@ def make_sampler(method: str):
 
 
 def guided_velocity(model, flow: RectifiedFlow, cond: Conditioning, uncond: Conditioning | None,
-                    guidance: float) -> VelocityFn:
+                    guidance: float, interval: tuple[float, float] = (0.0, 1.0)) -> VelocityFn:
     """Classifier-free guidance (Ho & Salimans 2022) with the negative prompt in `uncond`:
-    v = v_u + g (v_c - v_u). Scale 1 (or no uncond) is exactly the conditional prediction.
-    Both halves run as one batch."""
+    v = v_u + g (v_c - v_u) at noise levels t in `interval`, the conditional prediction alone
+    elsewhere. Scale 1 (or no uncond) is exactly the conditional prediction. Both halves run as
+    one batch."""
 
     def v_fn(x: torch.Tensor, t: float) -> torch.Tensor:
         tt = torch.full((x.shape[0],), float(t), device=x.device)
-        if uncond is None or guidance == 1.0:
+        if uncond is None or guidance == 1.0 or not interval[0] <= t <= interval[1]:
             return flow.velocity(model(x, tt, cond), x, tt)
         both = model(torch.cat([x, x]), torch.cat([tt, tt]), Conditioning.cat([cond, uncond]))
         v_c, v_u = flow.velocity(both, torch.cat([x, x]), torch.cat([tt, tt])).chunk(2)
@@ -145,7 +156,7 @@ def sample(model, flow: RectifiedFlow, cfg: SamplerConfig, shape: tuple[int, ...
     noise = torch.randn(shape, generator=gen).to(device)
     c = shape[1]
     known, exact = cond.frames[:, :c], cond.frames[:, c : c + 1]
-    v_fn = guided_velocity(model, flow, cond, uncond, cfg.guidance)
+    v_fn = guided_velocity(model, flow, cond, uncond, cfg.guidance, cfg.guidance_interval)
     sampler = make_sampler(cfg.method)
     ts = timesteps(cfg.steps, cfg.shift).tolist()
     x = noise
@@ -155,3 +166,22 @@ def sample(model, flow: RectifiedFlow, cfg: SamplerConfig, shape: tuple[int, ...
         if progress is not None:
             progress(i + 1, cfg.steps)
     return torch.lerp(x, known, exact)  # t = 0: exact frames are the conditioning latents
+
+
+@torch.no_grad()
+def resample(model, flow: RectifiedFlow, cfg: SamplerConfig, x0: torch.Tensor, cond: Conditioning,
+             uncond: Conditioning | None, t0: float,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """SDEdit (Meng et al. 2022): latents x0 (B, C, T, H, W) noised to level t0, then sampled
+    back to t = 0 along the steps of cfg's grid below t0. The result keeps x0's layout and
+    carries the sampler's own finishing errors."""
+    if not 0.0 < t0 <= 1.0:
+        raise ValueError(f"t0 must be in (0, 1], got {t0}")
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device)
+    ts = [t0] + [t for t in timesteps(cfg.steps, cfg.shift).tolist() if t < t0]
+    x = flow.add_noise(x0, noise, torch.full((x0.shape[0],), t0, device=x0.device))
+    v_fn = guided_velocity(model, flow, cond, uncond, cfg.guidance, cfg.guidance_interval)
+    sampler = make_sampler(cfg.method)
+    for a, b in zip(ts[:-1], ts[1:], strict=True):
+        x = sampler.step(v_fn, x, a, b)
+    return x

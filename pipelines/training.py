@@ -33,6 +33,13 @@ class TaskConfig:
     # VAE: L1 weight on frame-to-frame differences (reconstruction vs clip). A still background
     # has none; per-frame reconstruction errors add them, which the eye sees as flicker.
     temporal_weight: float = 0.0
+    # VAE decoder_only: an exported denoiser folder. A share of each batch is decoded from the
+    # latents it finishes after noising the clip's own to t in [samples_t_min, samples_t_max]
+    # (see DenoiserSamples), so the decoder learns to turn generated latents into clean clips.
+    decoder_samples: str = ""
+    samples_fraction: float = 0.5
+    samples_t_min: float = 0.1
+    samples_t_max: float = 0.5
     caption_dropout: float = 0.1  # train the unconditional branch for classifier-free guidance
     camera_dropout: float = 0.2  # "unspecified" camera: the prompt alone must carry it
     # Captions whose colour and shape words are swapped for words the world never uses (see
@@ -92,6 +99,19 @@ class VAETask:
 
     def __init__(self, cfg, spec: DataSpec):
         self.cfg, self.task, self.spec = cfg, cfg.task, spec
+        self.gen = torch.Generator().manual_seed(cfg.task.seed)
+        self.samples = None
+        if self.task.decoder_samples:
+            if not self.task.decoder_only:
+                raise ValueError("task.decoder_samples needs task.decoder_only=true: the denoiser "
+                                 "only knows the latent space of the encoder it was trained on")
+            if not 0.0 <= self.task.samples_fraction <= 1.0:
+                raise ValueError(f"task.samples_fraction must be in [0, 1], got "
+                                 f"{self.task.samples_fraction}")
+            from cineray.pipelines.denoiser_task import DenoiserSamples  # noqa: PLC0415
+
+            self.samples = DenoiserSamples(self.task.decoder_samples, cfg, self.task.samples_t_min,
+                                           self.task.samples_t_max, self.gen)
 
     def build_model(self) -> VideoVAE:
         vae = VideoVAE(self.cfg.vae)
@@ -105,7 +125,10 @@ class VAETask:
 
     def loss(self, model, batch: dict, step: int):
         x = to_video(batch["video"]).to(_dtype(model))
-        recon, mean, logvar = model(x)  # a frozen encoder (decoder_only) keeps no graph
+        if self.samples is None:
+            recon, mean, logvar = model(x)  # a frozen encoder (decoder_only) keeps no graph
+        else:
+            recon, mean, logvar = self._decode_samples(getattr(model, "module", model), x, batch)
         x = x.float()
         rec = weighted_l1_l2(recon, x, edge_weights(x, self.task.edge_weight))
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
@@ -115,6 +138,20 @@ class VAETask:
             loss = loss + self.task.kl_weight * kl
             track_latent_stats(getattr(model, "module", model), mean.detach().float())
         return loss, {"rec": rec.item(), "kl": kl.item(), "dt": dt.item()}
+
+
+    def _decode_samples(self, vae: VideoVAE, x: torch.Tensor, batch: dict):
+        """The training pass with the first samples_fraction of the clips decoded from
+        denoiser-finished latents instead of posterior samples."""
+        with torch.no_grad():
+            mean, logvar = vae.encode_dist(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=self.gen).to(
+                mean.device)
+            k = round(self.task.samples_fraction * len(x))
+            if k:
+                rows = {key: v[:k] for key, v in batch.items()}
+                z[:k] = vae.denormalize(self.samples(vae.normalize(mean[:k]), rows)).to(z.dtype)
+        return vae._decode_chunk(z, {}), mean, logvar
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from cineray.pipelines.conditioning import build_conditioning
-from cineray.pipelines.flow import SamplerConfig, guided_velocity, sample, timesteps
+from cineray.pipelines.flow import SamplerConfig, guided_velocity, resample, sample, timesteps
 from cineray.pipelines.generate import Timer, check_request, extend, upscale_stream
 from cineray.pipelines.stages import (
     Components,
@@ -48,6 +48,51 @@ def test_cfg_scale_1_equals_the_conditional_prediction(components):
         v_3 = guided_velocity(model, flow, cond, uncond, 3.0)(x, 0.7)
     assert not torch.allclose(v_c, v_u)  # the negative prompt moves the prediction
     torch.testing.assert_close(v_3, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
+
+
+def test_guidance_applies_only_inside_its_interval(components):
+    model, flow = components.denoiser, components.flow
+    cond, uncond = _conds(components)
+    x = torch.randn(1, 8, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = guided_velocity(model, flow, cond, None, 1.0)
+    full = guided_velocity(model, flow, cond, uncond, 3.0)
+    limited = guided_velocity(model, flow, cond, uncond, 3.0, (0.3, 0.8))
+    with torch.no_grad():
+        assert torch.equal(limited(x, 0.5), full(x, 0.5))
+        for t in (0.1, 0.9):
+            assert torch.equal(limited(x, t), plain(x, t))
+            assert not torch.allclose(full(x, t), plain(x, t))
+    with pytest.raises(ValueError, match="guidance_interval"):
+        SamplerConfig(guidance_interval=(0.6, 0.2))
+
+
+class _Oracle(torch.nn.Module):
+    """An x-predictor that knows the clean latents."""
+
+    def __init__(self, x0):
+        super().__init__()
+        self.x0 = x0
+
+    def forward(self, x, t, cond):
+        return self.x0.expand_as(x)
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+def test_resample_returns_the_latents_an_exact_denoiser_knows(components, method):
+    """Straight flow paths: from any noise level, an exact x-prediction leads back to x0; a
+    random denoiser does not."""
+    cond, uncond = _conds(components)
+    x0 = torch.randn(1, 8, 5, 8, 8, generator=torch.Generator().manual_seed(2))
+    cfg = SamplerConfig(method=method, steps=10, guidance=3.0)
+    for t0 in (0.05, 0.37, 1.0):
+        out = resample(_Oracle(x0), components.flow, cfg, x0, cond, uncond, t0,
+                       torch.Generator().manual_seed(3))
+        torch.testing.assert_close(out, x0, rtol=1e-4, atol=1e-4)
+    out = resample(components.denoiser, components.flow, cfg, x0, cond, uncond, 0.5,
+                   torch.Generator().manual_seed(3))
+    assert out.shape == x0.shape and not torch.allclose(out, x0, atol=1e-2)
+    with pytest.raises(ValueError, match="t0 must be"):
+        resample(components.denoiser, components.flow, cfg, x0, cond, uncond, 0.0)
 
 
 def test_guidance_drops_the_camera_in_the_unconditional_branch(components, monkeypatch):
@@ -189,6 +234,8 @@ def test_a_checkpoint_ships_its_sampler_defaults(components, tmp_path):
     assert Components.load(tmp_path).sampler == SamplerConfig()
     (tmp_path / "sampler.json").write_text('{"shift": 3.0, "guidance": 5.0}')
     assert Components.load(tmp_path).sampler == SamplerConfig(shift=3.0, guidance=5.0)
+    (tmp_path / "sampler.json").write_text('{"guidance_interval": [0.3, 1.0]}')
+    assert Components.load(tmp_path).sampler.guidance_interval == (0.3, 1.0)
     (tmp_path / "sampler.json").write_text('{"shfit": 3.0}')
     with pytest.raises(ValueError, match="sampler.json: expected an object with keys among"):
         Components.load(tmp_path)

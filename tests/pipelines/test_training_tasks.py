@@ -206,6 +206,54 @@ def test_vae_decoder_only_keeps_the_latent_space(cfg):
         assert torch.equal(v, before[name]), name
 
 
+def test_vae_decoder_learns_from_denoiser_finished_latents(cfg, tmp_path):
+    """Decoder fine-tuning on SDEdit latents of an exported denoiser: the samples replace the
+    posterior for the first share of the batch, only the decoder trains, and the encoder and
+    latent statistics stay as they were."""
+    from cineray.models.dit import DiT
+
+    torch.manual_seed(0)
+    dit = DiT(cfg.denoiser)
+    with torch.no_grad():  # a zero-initialised head would predict the same latents for any input
+        for p in dit.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_component("denoiser", dit, tmp_path / "denoiser")
+    task_cfg = dataclasses.replace(cfg.task, decoder_only=True, decoder_samples=str(
+        tmp_path / "denoiser"), samples_fraction=0.5, samples_t_min=0.3, samples_t_max=0.6)
+    task = make_task("vae", dataclasses.replace(cfg, task=task_cfg))
+    assert task.samples.levels and all(0.3 <= t <= 0.6 for t in task.samples.levels)
+    model = task.build_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = world_batch(2)
+    seen = []
+    original = model._decode_chunk
+    model._decode_chunk = lambda z, cache: seen.append(z.clone()) or original(z, cache)
+    state = task.gen.get_state()
+    loss, parts = task.loss(model, batch, step=0)
+    loss.backward()
+    assert torch.isfinite(loss) and len(seen) == 1
+    # replay the task's random draws: clip 0 is the denoiser's work, clip 1 a posterior sample
+    task.gen.set_state(state)
+    with torch.no_grad():
+        mean, logvar = model.encode_dist(to_video(batch["video"]))
+        posterior = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=task.gen)
+        finished = model.denormalize(task.samples(model.normalize(mean[:1]), {
+            k: v[:1] for k, v in batch.items()}))
+    torch.testing.assert_close(seen[0][1], posterior[1])
+    torch.testing.assert_close(seen[0][:1], finished)
+    assert not torch.allclose(finished, posterior[:1], atol=0.1)
+    for name, p in model.named_parameters():
+        assert (p.grad is not None and p.grad.abs().sum() > 0) == (not name.startswith("enc_")), name
+    for name, v in model.state_dict().items():
+        assert torch.equal(v, before[name]), name
+    with pytest.raises(ValueError, match="decoder_only=true"):
+        make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(task_cfg,
+                                                                           decoder_only=False)))
+    with pytest.raises(FileNotFoundError, match="no exported denoiser"):
+        make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(
+            task_cfg, decoder_samples=str(tmp_path / "nothing"))))
+
+
 def test_edge_weights_favour_object_edges():
     x = -torch.ones(1, 3, 1, 16, 16)
     x[..., 4:12, 4:12] = 1.0
