@@ -139,7 +139,6 @@ class VAETask:
             track_latent_stats(getattr(model, "module", model), mean.detach().float())
         return loss, {"rec": rec.item(), "kl": kl.item(), "dt": dt.item()}
 
-
     def _decode_samples(self, vae: VideoVAE, x: torch.Tensor, batch: dict):
         """The training pass with the first samples_fraction of the clips decoded from
         denoiser-finished latents instead of posterior samples."""
