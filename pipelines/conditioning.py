@@ -59,3 +59,18 @@ def build_conditioning(text: TextEmbedding, cameras: Sequence[str | None],
     return Conditioning(text=text.tokens.to(dev), text_mask=text.mask.to(dev),
                         pooled=text.pooled.to(dev), camera=cam.to(dev), camera_params=params.to(dev),
                         fps=torch.tensor([float(f) for f in fps], device=dev), frames=frames)
+
+
+def guided_conditioning(text: TextEmbedding, negative: TextEmbedding | None,
+                        cameras: Sequence[str | None], speeds: Sequence[float],
+                        focals_mm: Sequence[float], fps: Sequence[float],
+                        frames: torch.Tensor) -> tuple[Conditioning, Conditioning | None]:
+    """The prompt's conditioning and the unconditional branch's for classifier-free guidance
+    (None without a negative prompt embedding). The unconditional branch has the negative
+    prompt and drops the camera too (as training's camera dropout does), so guidance pushes
+    towards the asked camera motion as well as towards the prompt."""
+    cond = build_conditioning(text, cameras, speeds, focals_mm, fps, frames)
+    if negative is None:
+        return cond, None
+    n = len(cameras)
+    return cond, build_conditioning(negative, [UNSPECIFIED] * n, [0.0] * n, focals_mm, fps, frames)

@@ -14,7 +14,12 @@ import torch
 
 from cineray.models.dit import DiT
 from cineray.models.text_encoder import TextEncoder
-from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, build_conditioning
+from cineray.pipelines.conditioning import (
+    UNSPECIFIED,
+    CachedTextEncoder,
+    build_conditioning,
+    guided_conditioning,
+)
 from cineray.pipelines.flow import RectifiedFlow, resample, timesteps
 from cineray.pipelines.training import DataSpec, TaskConfig, to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component
@@ -217,14 +222,12 @@ class DenoiserSamples:
         b, c = z.shape[:2]
         self.model.to(z.device)
         frames = torch.zeros(b, c + 2, *z.shape[2:], device=z.device)
-        focals = [float(f) for f in batch["focal_length_mm"]]
-        fps = [float(f) for f in batch["fps"]]
-        cond = build_conditioning(self.text(list(batch["caption"])), list(batch["camera"]),
-                                  [float(s) for s in batch["camera_speed"]], focals, fps, frames)
-        uncond = None
-        if self.sampler.guidance != 1.0:
-            uncond = build_conditioning(self.text([self.sampler.negative_prompt] * b),
-                                        [UNSPECIFIED] * b, [0.0] * b, focals, fps, frames)
+        negative = (None if self.sampler.guidance == 1.0
+                    else self.text([self.sampler.negative_prompt] * b))
+        cond, uncond = guided_conditioning(
+            self.text(list(batch["caption"])), negative, list(batch["camera"]),
+            [float(s) for s in batch["camera_speed"]],
+            [float(f) for f in batch["focal_length_mm"]], [float(f) for f in batch["fps"]], frames)
         t0 = self.levels[int(torch.randint(len(self.levels), (1,), generator=self.gen))]
         return resample(self.model, self.flow, self.sampler, z.float(), cond, uncond, t0,
                         self.gen).to(z.dtype)

@@ -26,7 +26,7 @@ from cineray.models.dit import DIT_PRESETS, DiT
 from cineray.models.text_encoder import TEXT_PRESETS, TextEmbedding, TextEncoder
 from cineray.models.upscaler import UPSCALER_PRESETS, Upscaler
 from cineray.models.video_vae import VAE_PRESETS, VideoVAE
-from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, build_conditioning
+from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, guided_conditioning
 from cineray.pipelines.flow import SAMPLERS, FlowConfig, RectifiedFlow, SamplerConfig, sample
 from cineray.pipelines.training import to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, build, load_component
@@ -298,12 +298,9 @@ def denoise_latents(components: Components, request: GenerationRequest, text: Pr
     """Sample latents (1, C, T', h, w) given conditioning frames (1, C + 2, T', h, w)."""
     dev = components.device
     frames = frames.to(dev)
-    labels = ([request.camera], [request.resolved_camera_speed], [request.focal_length_mm], [fps])
-    cond = build_conditioning(text.cond, *labels, frames)
-    # The unconditional branch drops the camera too (as training's camera dropout does), so
-    # guidance pushes towards the asked camera motion as well as towards the prompt.
-    free = ([UNSPECIFIED], [0.0], *labels[2:])
-    uncond = None if text.uncond is None else build_conditioning(text.uncond, *free, frames)
+    cond, uncond = guided_conditioning(text.cond, text.uncond, [request.camera],
+                                       [request.resolved_camera_speed],
+                                       [request.focal_length_mm], [fps], frames)
     c = components.vae.cfg.latent_channels
     shape = (1, c, *frames.shape[2:])
     z = sample(components.denoiser, components.flow, sampler_config(components, request), shape,

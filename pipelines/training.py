@@ -146,11 +146,12 @@ class VAETask:
             mean, logvar = vae.encode_dist(x)
             z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=self.gen).to(
                 mean.device)
+            z = vae.normalize(z)
             k = round(self.task.samples_fraction * len(x))
             if k:
                 rows = {key: v[:k] for key, v in batch.items()}
-                z[:k] = vae.denormalize(self.samples(vae.normalize(mean[:k]), rows)).to(z.dtype)
-        return vae._decode_chunk(z, {}), mean, logvar
+                z[:k] = self.samples(vae.normalize(mean[:k]), rows).to(z.dtype)
+        return vae.decode(z), mean, logvar
 
 
 @torch.no_grad()
