@@ -21,6 +21,7 @@ from cineray.pipelines.conditioning import (
     guided_conditioning,
 )
 from cineray.pipelines.flow import RectifiedFlow, resample, timesteps
+from cineray.pipelines.paraphrase import Paraphrase
 from cineray.pipelines.training import DataSpec, TaskConfig, to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component
 from cineray.world import _WORDS, WorldConfig, captions, sample_scene
@@ -125,6 +126,11 @@ class DenoiserTask:
                              f"VAE at {folder} has {self.vae.cfg.latent_channels}")
         self.text = CachedTextEncoder(TextEncoder(cfg.text))
         self.unknown = UnknownWords(list(self.text.encoder.tokenizer.get_vocab()))
+        self.paraphrase = Paraphrase()
+        shares = {"task.unknown_words": task.unknown_words, "task.paraphrase": task.paraphrase}
+        if any(not 0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1.0:
+            raise ValueError(f"caption shares must each lie in [0, 1] and sum to at most 1, got "
+                             f"{shares}")
         # (clip_id, crop start) -> (latents, keyframe latents) in float16, see latents()
         self.latent_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -141,9 +147,13 @@ class DenoiserTask:
         b = frames.shape[0]
         drop_text = torch.rand(b, generator=self.gen) < self.task.caption_dropout
         drop_cam = torch.rand(b, generator=self.gen) < self.task.camera_dropout
-        swap = (torch.rand(b, generator=self.gen) < self.task.unknown_words).tolist()
-        prompts = ["" if d else self.unknown(c, self.gen) if u else c
-                   for c, d, u in zip(batch["caption"], drop_text, swap, strict=True)]
+        # One draw a caption: unknown words below unknown_words, a paraphrase in the next
+        # `paraphrase` of [0, 1), the caption as it is above both.
+        r = torch.rand(b, generator=self.gen).tolist()
+        u, p = self.task.unknown_words, self.task.paraphrase
+        prompts = ["" if d else self.unknown(c, self.gen) if x < u
+                   else self.paraphrase(c, self.gen) if x < u + p else c
+                   for c, d, x in zip(batch["caption"], drop_text, r, strict=True)]
         cams = [UNSPECIFIED if d else c for c, d in zip(batch["camera"], drop_cam, strict=True)]
         speeds = [0.0 if d else float(s) for s, d in zip(batch["camera_speed"], drop_cam,
                                                           strict=True)]

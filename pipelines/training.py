@@ -46,6 +46,10 @@ class TaskConfig:
     # UnknownWords): prompts with unfamiliar words must still give one clean object doing the
     # motion asked, rather than a smear pulled off the training distribution.
     unknown_words: float = 0.0
+    # Captions rewritten with everyday synonyms and other openings (see Paraphrase), a vocabulary
+    # disjoint from the evaluation's held-out phrasings: each label covers a wider region of the
+    # text encoder's space than the world's one or two words.
+    paraphrase: float = 0.0
     p_first_frame: float = 0.2  # image-to-video: latent frame 0 given exactly
     p_prefix: float = 0.15  # window context: the first 1-2 latent frames given exactly
     p_keyframes: float = 0.15  # keyframe images guide some groups (plus the first frame)

@@ -182,6 +182,24 @@ def test_denoiser_trains_on_unknown_words_only_when_asked(cfg):
     assert prompts[1.0] and set(prompts[1.0]).isdisjoint(batch["caption"])
 
 
+def test_denoiser_paraphrases_captions_in_its_share_and_rejects_bad_shares(cfg):
+    batch = world_batch(16)
+
+    def prompts(**shares) -> list[str]:
+        task = make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+            cfg.task, caption_dropout=0.0, **shares)))
+        task.conditioning(batch, torch.zeros(16, 10, 5, 8, 8))
+        return list(task.text.cache)
+
+    para = prompts(paraphrase=1.0)
+    assert len(set(para) - set(batch["caption"])) >= 12  # a few keep every coin's "as it is"
+    assert all(w not in p for p in para for w in ("crimson", "orb", "plummets"))
+    assert set(prompts(paraphrase=0.0, unknown_words=0.0)) == set(batch["caption"])
+    for bad in ({"paraphrase": 0.8, "unknown_words": 0.3}, {"paraphrase": -0.1}):
+        with pytest.raises(ValueError, match="task.paraphrase"):
+            prompts(**bad)
+
+
 def test_vae_task_tracks_latent_statistics(cfg):
     task = make_task("vae", dataclasses.replace(cfg, task=TaskConfig(kl_weight=0.0)))
     model = task.build_model()
