@@ -146,7 +146,33 @@ class CausalConv3d(nn.Module):
         n_out = (x.shape[2] - self.kt) // self.st + 1
         if cache is not None:
             cache[self] = x[:, :, n_out * self.st :]  # frames still needed by the next chunk
-        return self.conv(x[:, :, : (n_out - 1) * self.st + self.kt])
+        weight, bias = self.weight_and_bias()
+        return F.conv3d(x[:, :, : (n_out - 1) * self.st + self.kt], weight, bias,
+                        self.conv.stride, self.conv.padding)
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.conv.weight, self.conv.bias
+
+
+class SteadyTimeConv(CausalConv3d):
+    """The time convolution of a depth-to-space upsampler: `phases` groups of output channels,
+    one per sub-frame, whose responses to a constant input agree. Each group's weights summed
+    over time, and its bias, are replaced by their mean over the groups; only the part that
+    responds to change (weights summing to zero over time) stays particular to a sub-frame.
+    Unconstrained, every sub-frame has its own offset, and an unchanged latent decodes to frames
+    that flicker with the sub-frame's phase (~0.25 grey level a frame in a trained tiny VAE).
+    The stored weights are the unconstrained ones, so older checkpoints load as they are."""
+
+    def __init__(self, c: int, phases: int = 2, kt: int = 3):
+        super().__init__(c, phases * c, (kt, 1, 1))
+        self.phases = phases
+
+    def weight_and_bias(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.conv.weight.unflatten(0, (self.phases, -1))  # (P, C, Cin, kt, 1, 1)
+        dc = w.sum(3, keepdim=True)
+        w = w - (dc - dc.mean(0, keepdim=True)) / self.kt
+        b = self.conv.bias.unflatten(0, (self.phases, -1))
+        return w.flatten(0, 1), b.mean(0, keepdim=True).expand_as(b).flatten()
 
 
 class FrameNorm(nn.GroupNorm):
@@ -190,12 +216,14 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """x2 in time (frame 0 -> 1 frame, every later frame -> 2) and/or space (nearest + conv)."""
+    """x2 in time (frame 0 -> 1 frame, every later frame -> 2) and/or space (nearest + conv).
+    steady: the two sub-frames respond alike to a constant input (SteadyTimeConv)."""
 
-    def __init__(self, c: int, cout: int, spatial: bool, temporal: bool):
+    def __init__(self, c: int, cout: int, spatial: bool, temporal: bool, steady: bool = False):
         super().__init__()
         self.spatial, self.temporal = spatial, temporal
-        self.time_conv = CausalConv3d(c, 2 * c, (3, 1, 1)) if temporal else None
+        time_conv = SteadyTimeConv(c) if steady else CausalConv3d(c, 2 * c, (3, 1, 1))
+        self.time_conv = time_conv if temporal else None
         self.conv = CausalConv3d(c, cout, (1, 3, 3))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:

@@ -31,12 +31,17 @@ class VAEConfig:
     spatial_only_levels: int = 1  # first levels use kt=1 kernels (cheap at full resolution)
     logvar_min: float = -30.0
     logvar_max: float = 20.0
+    # Decoder time upsamplers whose sub-frames respond alike to a constant input, so an unchanged
+    # latent decodes to an unchanged frame (layers.SteadyTimeConv). False: the plain
+    # depth-to-space of earlier checkpoints, whose config.json does not name it.
+    steady_upsample: bool = False
 
 
 VAE_PRESETS = {
-    "tiny": VAEConfig(),
+    "tiny": VAEConfig(steady_upsample=True),
     "base": VAEConfig(latent_channels=16, channels=[128, 256, 512, 512], res_blocks=2,
-                      temporal_downs=2, spatial_downs=3, spatial_only_levels=1),
+                      temporal_downs=2, spatial_downs=3, spatial_only_levels=1,
+                      steady_upsample=True),
 }
 
 
@@ -73,7 +78,7 @@ class VideoVAE(nn.Module):
             level = nn.ModuleList(ResBlock3d(ch[i], ch[i], kts[i]) for _ in range(cfg.res_blocks))
             if i > 0:
                 level.append(Upsample(ch[i], ch[i - 1], i - 1 < cfg.spatial_downs,
-                                      i - 1 < cfg.temporal_downs))
+                                      i - 1 < cfg.temporal_downs, cfg.steady_upsample))
             self.dec_blocks.append(level)
         self.dec_norm = FrameNorm(8, ch[0])
         self.dec_out = CausalConv3d(ch[0], cfg.in_channels, (1, 3, 3))

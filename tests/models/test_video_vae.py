@@ -55,6 +55,24 @@ def test_chunked_encode_and_decode_equal_whole_clip(vae, chunk):
 
 
 @torch.no_grad()
+def test_an_unchanged_latent_decodes_to_an_unchanged_frame(vae):
+    """Only the steady upsampler holds a constant latent still; the plain depth-to-space one
+    (older checkpoints, which load into either) gives each sub-frame its own offset."""
+    import dataclasses
+
+    z = torch.randn(1, 8, 1, 4, 4).repeat(1, 1, 5, 1, 1)
+    frames = vae.decode(z)
+    torch.testing.assert_close(frames, frames[:, :, :1].expand_as(frames), rtol=0, atol=1e-5)
+    plain = VideoVAE(dataclasses.replace(vae.cfg, steady_upsample=False)).eval()
+    plain.load_state_dict(vae.state_dict())
+    frames = plain.decode(z)
+    assert (frames[:, :, 1:] - frames[:, :, :-1]).abs().amax() > 1e-3
+    z[:, :, 3:] += torch.randn(1, 8, 1, 4, 4)  # a change still decodes to motion within a group
+    moving = vae.decode(z)[:, :, 9:13]
+    assert (moving[:, :, 1:] - moving[:, :, :-1]).abs().amax(dim=(0, 1, 3, 4)).min() > 1e-3
+
+
+@torch.no_grad()
 def test_still_image_is_a_one_frame_video(vae):
     x = torch.rand(2, 3, 9, 16, 16) * 2 - 1
     assert torch.equal(vae.encode(x[:, :, :1]), vae.encode(x)[:, :, :1])
