@@ -221,13 +221,18 @@ def test_killed_denoiser_replica_loses_nothing(served, client, ray_cluster):
     # which counts its own resends in `attempts`): more denoise calls than windows.
     assert _counters(ray_cluster)["denoise"] - calls > 5
     video, _ = read_mp4(client.get(f"/v1/videos/{job_id}/content").content)
-    # Nothing lost or duplicated: frame i matches frame i of the same clip rendered in one
-    # process (up to the watermark and H.264), and no other frame.
+    # Nothing lost or duplicated: every run of 8 frames matches its own place in the same clip
+    # rendered in one process (up to the watermark and H.264) better than any other place. A
+    # lost or repeated window shifts a whole run; single frames are not enough, since a frame of
+    # random-weight noise can lie closer to another frame than H.264 and the watermark move it.
     comps = Components.load(served[1])
     ref = generate(comps, GenerationRequest(body["prompt"], seed=5, frames=65, steps=60)).frames
     diff = np.abs(video[:, None].astype(np.float32) - ref[None].astype(np.float32))
     mae = diff.mean(axis=(2, 3, 4))  # (65, 65): decoded frame x reference frame
-    assert (mae.argmin(axis=1) == np.arange(65)).all()
+    run = 8
+    for s in range(65 - run + 1):
+        at = [mae[s:s + run, t:t + run].diagonal().mean() for t in range(65 - run + 1)]
+        assert int(np.argmin(at)) == s, (s, at[s], min(at))
     # Random weights render noise, which H.264 + the watermark change by ~15 levels on average
     # (measured in one process too); other frames of the clip are 18-38 levels away.
     assert mae.diagonal().max() < 20, mae.diagonal().max()
