@@ -54,22 +54,23 @@ def word_ceiling(encoder) -> dict:
     return out
 
 
-def caption_ceiling(encoder, scenes: int) -> dict:
+def caption_bank(style: str, n: int, seed: int, rewrite=None) -> tuple[list[str], list[tuple]]:
+    """Every `style` caption of n random world scenes (seeds seed..seed+n-1), each passed through
+    `rewrite` when given, with its scene's (colour, shape, motion, camera)."""
     from cineray.world import WorldConfig, captions, sample_scene
 
-    cfg = WorldConfig()
+    cfg, texts, labels = WorldConfig(), [], []
+    for i in range(n):
+        s = sample_scene(cfg, seed + i, heldout=None)
+        for c in captions(s, seed + i, style=style):
+            texts.append(rewrite(c) if rewrite else c)
+            labels.append((s.colour, s.shape, s.motion, s.camera))
+    return texts, labels
 
-    def bank(style: str, n: int, seed: int):
-        texts, labels = [], []
-        for i in range(n):
-            s = sample_scene(cfg, seed + i, heldout=None)
-            for c in captions(s, seed + i, style=style):
-                texts.append(c)
-                labels.append((s.colour, s.shape, s.motion, s.camera))
-        return texts, labels
 
-    train, train_labels = bank("train", scenes, 0)
-    held, held_labels = bank("heldout", max(scenes // 10, 20), 10**6)
+def caption_ceiling(encoder, scenes: int) -> dict:
+    train, train_labels = caption_bank("train", scenes, 0)
+    held, held_labels = caption_bank("heldout", max(scenes // 10, 20), 10**6)
     nearest = (_embed(encoder, held) @ _embed(encoder, train).T).argmax(1).tolist()
     return {att: round(sum(train_labels[j][k] == held_labels[i][k]
                            for i, j in enumerate(nearest)) / len(held), 3)
@@ -81,17 +82,11 @@ def probe_ceiling(encoder, scenes: int) -> dict:
     import torch
 
     from cineray.pipelines.paraphrase import Paraphrase
-    from cineray.world import WorldConfig, captions, sample_scene
 
-    cfg, para, gen = WorldConfig(), Paraphrase(), torch.Generator().manual_seed(0)
+    para, gen = Paraphrase(), torch.Generator().manual_seed(0)
 
     def bank(style: str, n: int, seed: int, rewrite: bool):
-        texts, labels = [], []
-        for i in range(n):
-            s = sample_scene(cfg, seed + i, heldout=None)
-            for c in captions(s, seed + i, style=style):
-                texts.append(para(c, gen) if rewrite else c)
-                labels.append((s.colour, s.shape, s.motion, s.camera))
+        texts, labels = caption_bank(style, n, seed, (lambda c: para(c, gen)) if rewrite else None)
         return _embed(encoder, texts), labels
 
     def fit(x, y, classes: int):

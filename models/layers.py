@@ -222,8 +222,9 @@ class Upsample(nn.Module):
     def __init__(self, c: int, cout: int, spatial: bool, temporal: bool, steady: bool = False):
         super().__init__()
         self.spatial, self.temporal = spatial, temporal
-        time_conv = SteadyTimeConv(c) if steady else CausalConv3d(c, 2 * c, (3, 1, 1))
-        self.time_conv = time_conv if temporal else None
+        self.time_conv = None
+        if temporal:
+            self.time_conv = SteadyTimeConv(c) if steady else CausalConv3d(c, 2 * c, (3, 1, 1))
         self.conv = CausalConv3d(c, cout, (1, 3, 3))
 
     def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:

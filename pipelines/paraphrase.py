@@ -34,12 +34,8 @@ class Paraphrase:
     colour and shape are swapped for synonyms of its own."""
 
     def __init__(self):
-        self.label: dict[str, tuple[str, str]] = {}
-        for att, table in _WORDS["train"].items():
-            if att in PARAPHRASES and att != "openings":
-                for key, phrases in table.items():
-                    for phrase in phrases:
-                        self.label[phrase] = (att, key)
+        self.label = {phrase: (att, key) for att in ("colour", "shape", "motion", "camera")
+                      for key, phrases in _WORDS["train"][att].items() for phrase in phrases}
         alternatives = sorted(self.label, key=len, reverse=True)  # longest phrase first
         self.pattern = re.compile(r"\b(" + "|".join(map(re.escape, alternatives)) + r")\b")
         self.opening = re.compile(r"^a video of an? (.*?) that ")
