@@ -33,6 +33,12 @@ class TaskConfig:
     # VAE: L1 weight on frame-to-frame differences (reconstruction vs clip). A still background
     # has none; per-frame reconstruction errors add them, which the eye sees as flicker.
     temporal_weight: float = 0.0
+    # VAE: L1 weight on the decoded frame-to-frame change at pixels where the clip itself does
+    # not change (by more than still_tolerance grey levels), averaged over those pixels only.
+    # The plain temporal term averages over the whole frame, where a halo of small changes a
+    # few pixels around a moving object is a small share; this term is the background's own.
+    still_weight: float = 0.0
+    still_tolerance: float = 1.5
     # VAE decoder_only: an exported denoiser folder. A share of each batch is decoded from the
     # latents it finishes after noising the clip's own to t in [samples_t_min, samples_t_max]
     # (see DenoiserSamples), so the decoder learns to turn generated latents into clean clips.
@@ -93,6 +99,13 @@ def edge_weights(x: torch.Tensor, strength: float) -> torch.Tensor:
     return 1 + strength * e.unflatten(0, (b, -1)).transpose(1, 2)
 
 
+def still_change(dr: torch.Tensor, dx: torch.Tensor, tolerance: float) -> torch.Tensor:
+    """Mean |dr| over the pixels (and frame pairs) where the clip's own change dx stays within
+    `tolerance` grey levels in every channel; dr, dx: (B, 3, T-1, H, W) in [-1, 1] units."""
+    still = (dx.abs().amax(dim=1, keepdim=True) <= tolerance / 127.5).float()
+    return (dr.abs() * still).sum() / (3 * still.sum()).clamp_min(1.0)
+
+
 def weighted_l1_l2(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     diff = pred.float() - target
     return ((diff.abs() + diff**2) * weight).mean()
@@ -136,12 +149,14 @@ class VAETask:
         x = x.float()
         rec = weighted_l1_l2(recon, x, edge_weights(x, self.task.edge_weight))
         kl = 0.5 * (mean.float() ** 2 + logvar.float().exp() - 1 - logvar.float()).mean()
-        dt = (recon.float().diff(dim=2) - x.diff(dim=2)).abs().mean()
-        loss = rec + self.task.temporal_weight * dt
+        dx, dr = x.diff(dim=2), recon.float().diff(dim=2)
+        dt = (dr - dx).abs().mean()
+        still = still_change(dr, dx, self.task.still_tolerance)
+        loss = rec + self.task.temporal_weight * dt + self.task.still_weight * still
         if not self.task.decoder_only:
             loss = loss + self.task.kl_weight * kl
             track_latent_stats(getattr(model, "module", model), mean.detach().float())
-        return loss, {"rec": rec.item(), "kl": kl.item(), "dt": dt.item()}
+        return loss, {"rec": rec.item(), "kl": kl.item(), "dt": dt.item(), "still": still.item()}
 
     def _decode_samples(self, vae: VideoVAE, x: torch.Tensor, batch: dict):
         """The training pass with the first samples_fraction of the clips decoded from

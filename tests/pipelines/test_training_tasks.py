@@ -12,7 +12,14 @@ import torch
 from cineray.config import load_config
 from cineray.models.video_vae import VideoVAE
 from cineray.pipelines.denoiser_task import UnknownWords, keyframe_latents, training_frames
-from cineray.pipelines.training import TaskConfig, edge_weights, make_task, spec_for, to_video
+from cineray.pipelines.training import (
+    TaskConfig,
+    edge_weights,
+    make_task,
+    spec_for,
+    still_change,
+    to_video,
+)
 from cineray.pipelines.weights import save_component
 from cineray.world import _WORDS, WorldConfig, captions, render, sample_scene
 
@@ -217,7 +224,7 @@ def test_vae_decoder_only_keeps_the_latent_space(cfg):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     loss, parts = task.loss(model, world_batch(2), step=0)
     loss.backward()
-    assert parts["dt"] > 0
+    assert parts["dt"] > 0 and parts["still"] > 0
     for name, p in model.named_parameters():
         assert (p.grad is not None and p.grad.abs().sum() > 0) == (not name.startswith("enc_")), name
     for name, v in model.state_dict().items():
@@ -277,3 +284,18 @@ def test_edge_weights_favour_object_edges():
     x[..., 4:12, 4:12] = 1.0
     w = edge_weights(x, 10.0)
     assert w[0, 0, 0, 4, 8] > 2 and w[0, 0, 0, 0, 0] == 1 and w[0, 0, 0, 8, 8] == 1
+
+
+def test_still_change_counts_only_the_clip_s_still_pixels():
+    """The still-background term: decoded change where the clip moves costs nothing; the same
+    change on the still background is its mean over the still pixels alone."""
+    x = torch.zeros(1, 3, 3, 8, 8)
+    x[:, :, 1:, 0, 0] = 1.0  # one pixel changes between frames 0 and 1
+    recon = x.clone()
+    recon[:, :, 1:, 0, 1] += 0.5  # and the decoder moves a pixel next to it, which the clip keeps
+    dx, dr = x.diff(dim=2), recon.diff(dim=2)
+    assert still_change(x.diff(dim=2), dx, 1.5) == 0
+    n_still = 2 * 64 - 1  # frame pairs x pixels, less the one that changes
+    assert torch.isclose(still_change(dr, dx, 1.5), torch.tensor(0.5 / n_still))
+    all_still = still_change(dr, dx, 255.0)  # every pixel counts, the moving one's 1.0 too
+    assert torch.isclose(all_still, torch.tensor(1.5 / (2 * 64)))
