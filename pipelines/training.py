@@ -33,10 +33,12 @@ class TaskConfig:
     # VAE: L1 weight on frame-to-frame differences (reconstruction vs clip). A still background
     # has none; per-frame reconstruction errors add them, which the eye sees as flicker.
     temporal_weight: float = 0.0
-    # VAE: L1 weight on the decoded frame-to-frame change at pixels where the clip itself does
-    # not change (by more than still_tolerance grey levels), averaged over those pixels only.
+    # VAE: L1 weight on the error of the decoded frame-to-frame change at pixels where the clip
+    # itself changes by at most still_tolerance grey levels, averaged over those pixels only.
     # The plain temporal term averages over the whole frame, where a halo of small changes a
     # few pixels around a moving object is a small share; this term is the background's own.
+    # Its target is the clip's own change, not zero: a slow zoom moves a smooth background by
+    # less than a grey level a frame, and the decoder must keep that motion.
     still_weight: float = 0.0
     still_tolerance: float = 1.5
     # VAE decoder_only: an exported denoiser folder. A share of each batch is decoded from the
@@ -100,10 +102,10 @@ def edge_weights(x: torch.Tensor, strength: float) -> torch.Tensor:
 
 
 def still_change(dr: torch.Tensor, dx: torch.Tensor, tolerance: float) -> torch.Tensor:
-    """Mean |dr| over the pixels (and frame pairs) where the clip's own change dx stays within
-    `tolerance` grey levels in every channel; dr, dx: (B, 3, T-1, H, W) in [-1, 1] units."""
+    """Mean |dr - dx| over the pixels (and frame pairs) where the clip's own change dx stays
+    within `tolerance` grey levels in every channel; dr, dx: (B, 3, T-1, H, W) in [-1, 1]."""
     still = (dx.abs().amax(dim=1, keepdim=True) <= tolerance / 127.5).float()
-    return (dr.abs() * still).sum() / (3 * still.sum()).clamp_min(1.0)
+    return ((dr - dx).abs() * still).sum() / (3 * still.sum()).clamp_min(1.0)
 
 
 def weighted_l1_l2(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
