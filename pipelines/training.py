@@ -120,6 +120,9 @@ class VAETask:
         self.cfg, self.task, self.spec = cfg, cfg.task, spec
         self.gen = torch.Generator().manual_seed(cfg.task.seed)
         self.samples = None
+        if self.task.still_weight < 0 or self.task.still_tolerance < 0:
+            raise ValueError(f"task.still_weight and task.still_tolerance must be >= 0, got "
+                             f"{self.task.still_weight} and {self.task.still_tolerance}")
         if self.task.decoder_samples:
             if not self.task.decoder_only:
                 raise ValueError("task.decoder_samples needs task.decoder_only=true: the denoiser "

@@ -303,3 +303,9 @@ def test_still_change_counts_only_the_clip_s_still_pixels():
     drift = torch.linspace(0, 1, 3).view(1, 1, 3, 1, 1) / 127.5 * torch.ones(1, 3, 3, 8, 8)
     assert still_change(drift.diff(dim=2), drift.diff(dim=2), 1.5) == 0  # kept: no cost
     assert still_change(torch.zeros(1, 3, 2, 8, 8), drift.diff(dim=2), 1.5) > 0  # frozen: a cost
+
+
+def test_vae_task_rejects_negative_still_settings(cfg):
+    for bad in ({"still_weight": -1.0}, {"still_tolerance": -0.5}):
+        with pytest.raises(ValueError, match="task.still_weight and task.still_tolerance"):
+            make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **bad)))
