@@ -48,6 +48,9 @@ class TaskConfig:
     samples_fraction: float = 0.5
     samples_t_min: float = 0.1
     samples_t_max: float = 0.5
+    # Denoiser: weight of the squared error of the clean-latent estimate's frame-to-frame
+    # change (RectifiedFlow.loss), which charges errors that differ between neighbouring frames.
+    latent_temporal_weight: float = 0.0
     caption_dropout: float = 0.1  # train the unconditional branch for classifier-free guidance
     camera_dropout: float = 0.2  # "unspecified" camera: the prompt alone must carry it
     # Captions whose colour and shape words are swapped for words the world never uses (see

@@ -239,3 +239,44 @@ def test_a_checkpoint_ships_its_sampler_defaults(components, tmp_path):
     (tmp_path / "sampler.json").write_text('{"shfit": 3.0}')
     with pytest.raises(ValueError, match="sampler.json: expected an object with keys among"):
         Components.load(tmp_path)
+
+
+class _Offset(torch.nn.Module):
+    """An x-predictor that knows the clean latents up to a fixed error."""
+
+    def __init__(self, x0, error):
+        super().__init__()
+        self.x0, self.error = x0, error
+
+    def forward(self, x, t, cond):
+        return self.x0 + self.error
+
+
+def test_the_temporal_term_charges_errors_that_change_from_frame_to_frame(components):
+    """Two errors of the same size: one shared by every frame, one that alternates in sign.
+    The plain loss cannot tell them apart; the temporal term is zero for the first and 4 e^2
+    per generated pair for the second. Given frames count at their true value."""
+    flow, (cond, _) = components.flow, _conds(components)
+    x0 = torch.randn(1, 8, 5, 8, 8, generator=torch.Generator().manual_seed(4))
+    steady = torch.full_like(x0, 0.1)
+    sign = torch.tensor([1.0, -1.0, 1.0, -1.0, 1.0]).view(1, 1, 5, 1, 1)
+    shimmer = steady * sign
+
+    def run(error, weight=None, tw=1.0):
+        return flow.loss(_Offset(x0, error), x0, cond, weight=weight, temporal_weight=tw,
+                         generator=torch.Generator().manual_seed(5))
+
+    plain_s, temporal_s = run(steady, tw=0.0)
+    plain_a, temporal_a = run(shimmer, tw=0.0)
+    torch.testing.assert_close(plain_s, torch.tensor(0.01))
+    torch.testing.assert_close(plain_a, plain_s)
+    assert temporal_s.item() == pytest.approx(0.0, abs=1e-10)
+    assert temporal_a.item() == pytest.approx(0.04, rel=1e-5)
+    loss, _ = run(shimmer, tw=2.0)
+    assert loss.item() == pytest.approx(0.01 + 2 * 0.04, rel=1e-5)
+    # frame 0 given exactly: its error does not count, the pair (0, 1) compares frame 1's
+    # estimate with the true frame 0, so the steady error now shows there once
+    given = torch.ones(1, 1, 5, 1, 1)
+    given[:, :, 0] = 0
+    _, temporal = run(steady, weight=given)
+    assert temporal.item() == pytest.approx(0.01 / 4, rel=1e-5)

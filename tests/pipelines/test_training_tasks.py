@@ -309,3 +309,15 @@ def test_vae_task_rejects_negative_still_settings(cfg):
     for bad in ({"still_weight": -1.0}, {"still_tolerance": -0.5}):
         with pytest.raises(ValueError, match="task.still_weight and task.still_tolerance"):
             make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **bad)))
+
+
+def test_denoiser_task_reports_its_temporal_error_and_rejects_a_negative_weight(cfg):
+    task = make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+        cfg.task, latent_temporal_weight=2.0)))
+    model = task.build_model()
+    loss, parts = task.loss(model, world_batch(2), step=0)
+    loss.backward()
+    assert torch.isfinite(loss) and parts["temporal"] > 0
+    with pytest.raises(ValueError, match="task.latent_temporal_weight must be >= 0"):
+        make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+            cfg.task, latent_temporal_weight=-1.0)))
