@@ -67,14 +67,14 @@ def test_guidance_applies_only_inside_its_interval(components):
 
 
 class _Oracle(torch.nn.Module):
-    """An x-predictor that knows the clean latents."""
+    """An x-predictor that knows the clean latents (up to a fixed error, if given)."""
 
-    def __init__(self, x0):
+    def __init__(self, x0, error=0.0):
         super().__init__()
-        self.x0 = x0
+        self.x0, self.error = x0, error
 
     def forward(self, x, t, cond):
-        return self.x0.expand_as(x)
+        return (self.x0 + self.error).expand_as(x)
 
 
 @pytest.mark.parametrize("method", ["euler", "heun"])
@@ -241,17 +241,6 @@ def test_a_checkpoint_ships_its_sampler_defaults(components, tmp_path):
         Components.load(tmp_path)
 
 
-class _Offset(torch.nn.Module):
-    """An x-predictor that knows the clean latents up to a fixed error."""
-
-    def __init__(self, x0, error):
-        super().__init__()
-        self.x0, self.error = x0, error
-
-    def forward(self, x, t, cond):
-        return self.x0 + self.error
-
-
 def test_the_temporal_term_charges_errors_that_change_from_frame_to_frame(components):
     """Two errors of the same size: one shared by every frame, one that alternates in sign.
     The plain loss cannot tell them apart; the temporal term is zero for the first and 4 e^2
@@ -263,7 +252,7 @@ def test_the_temporal_term_charges_errors_that_change_from_frame_to_frame(compon
     shimmer = steady * sign
 
     def run(error, weight=None, tw=1.0):
-        return flow.loss(_Offset(x0, error), x0, cond, weight=weight, temporal_weight=tw,
+        return flow.loss(_Oracle(x0, error), x0, cond, weight=weight, temporal_weight=tw,
                          generator=torch.Generator().manual_seed(5))
 
     plain_s, temporal_s = run(steady, tw=0.0)
