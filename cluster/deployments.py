@@ -179,8 +179,8 @@ class Planner(_Stage):
 
 @serve.deployment(name="Denoiser")
 class Denoiser(_Stage):
-    """denoise_window: one temporal window per call (a pure function of its inputs, so a window
-    retried on another replica gives the same latents)."""
+    """denoise_window: one temporal window per call, or one sampler step of it (a pure function
+    of its inputs, so a window or step retried on another replica gives the same latents)."""
 
     stage = "denoise"
 
@@ -202,6 +202,26 @@ class Denoiser(_Stage):
             self._counters.add.remote(self.stage, 0, tag, -1)
         return {"latents": z, "replica": tag, "seconds": time.perf_counter() - t0,
                 "level": window.level, "index": window.index}
+
+    def denoise_step(self, request, text, window, keyframes, seed: int, x, i: int) -> dict:
+        """Step i of the window's sampler from latents x (None: its noise), for windows
+        denoised jointly: the Orchestrator averages their shared latents between steps.
+        -> {"latents", "steps" (the sampler's), "replica", "seconds"}; the last step's latents
+        are the window's."""
+        from cineray.pipelines.stages import window_run, window_step
+
+        tag, first = replica_tag(), int(i == 0)  # a window counts as one call, at its step 0
+        self._counters.add.remote(self.stage, first, tag, 1)
+        if first:
+            _Stage._calls.inc(1, tags={"stage": self.stage})
+        t0 = time.perf_counter()
+        try:
+            run = window_run(self.c, request, text, window, keyframes, seed)
+            z = window_step(run, None if x is None else x.to(self.c.device), i).cpu()
+        finally:
+            self._counters.add.remote(self.stage, 0, tag, -1)
+        return {"latents": z, "steps": len(run.ts) - 1, "replica": tag,
+                "seconds": time.perf_counter() - t0}
 
 
 @serve.deployment(name="Decoder")

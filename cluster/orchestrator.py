@@ -1,7 +1,9 @@
 """The Orchestrator deployment: runs one job through the stage deployments.
 
     plan -> [keyframe pass: every window at once -> decode -> blend -> encode keyframes]
-         -> every level-0 window at once on the Denoiser replicas (K replicas: K at a time)
+         -> every level-0 window at once on the Denoiser replicas (K replicas: K at a time);
+            windows denoised jointly (WindowPlan.shared) go one sampler step at a time, their
+            shared latents averaged here between steps
          -> each window's decode chained on its denoise (the response is passed on, not awaited)
          -> blend in order -> preview MP4 (published while the upscalers still run)
          -> UpscalerSpatial / UpscalerTemporal in halo'd chunks -> Watermarker -> Muxer
@@ -10,9 +12,10 @@ The order of operations is cineray.pipelines.generate's (the one-process referen
 chunked upscaling *is* generate.upscale_stream, pointed at the upscaler deployments; so a clip
 rendered here has the same frames as one rendered in one process.
 
-A window whose replica died (or whose Decoder did) is sent again: windows are pure functions of
-their inputs, so the retry yields the same latents and nothing is lost or counted twice. The job
-record (jobstore.py) gets progress, per-stage timings and which replica ran which window.
+A window (or one step of it) whose replica died (or whose Decoder did) is sent again: windows and
+steps are pure functions of their inputs, so the retry yields the same latents and nothing is
+lost or counted twice. The job record (jobstore.py) gets progress, per-stage timings and which
+replica ran which window (its first step, for windows denoised jointly).
 """
 
 from __future__ import annotations
@@ -163,7 +166,7 @@ class _Job:
         self.timings = self.timer.seconds  # wall seconds the orchestrator waited per stage
         self.windows: list[dict] = []
         self.samples = job["request"].get("n", 1)
-        self.done_windows, self.total_windows, self.sample = 0, 1, 0
+        self.done_windows, self.total_windows, self.sample, self.high = 0, 1, 0, 0.0
         self.preview_thread: threading.Thread | None = None
 
     def rounded(self) -> dict:
@@ -181,8 +184,9 @@ class _Job:
             self.o.jobs.put(self.record)
 
     def progress(self, stage: str, fraction: float) -> None:
-        """fraction of this sample in [0, 1]; denoising is most of the work (5..90%)."""
-        whole = (self.sample + fraction) / self.samples
+        """fraction of this sample in [0, 1]; denoising is most of the work (5..90%). Never
+        goes back (jointly denoised windows count as done before their decodes are waited for)."""
+        whole = self.high = max(self.high, (self.sample + fraction) / self.samples)
         self.update(stage=stage, progress=int(min(99, 2 + 93 * whole)),
                     timings=self.rounded())
 
@@ -236,11 +240,16 @@ class _Job:
                                                                   first)
         from cineray.pipelines.windows import Blender
 
-        pending = [self.submit(request, text, w, keyframes) for w in plan.windows]
+        if plan.shared:  # denoised jointly, step by step; then every decode at once
+            denoised = self.denoise_jointly(request, text, plan, keyframes)
+            resend = [lambda d=d: self.h["Decoder"].decode.remote(d) for d in denoised]
+        else:
+            resend = [lambda w=w: self.submit(request, text, w, keyframes) for w in plan.windows]
+        pending = [send() for send in resend]
         blender = Blender(plan)
         for i, w in enumerate(plan.windows):
             try:
-                out = self.wait_window(request, text, w, keyframes, pending[i])
+                out = self.wait_window(w, pending[i], resend[i])
             except BaseException:  # cancelled or failed: stop the windows still to come
                 for response in pending[i + 1 :]:
                     with contextlib.suppress(Exception):
@@ -255,23 +264,55 @@ class _Job:
                                                      request.seed)
         return self.h["Decoder"].decode.remote(denoised)
 
-    def wait_window(self, request, text, window, keyframes, response) -> dict:
-        stage = "denoise" if window.level == 0 else "denoise_keyframes"
-        for attempt in range(1, self.o.retries + 2):
+    def denoise_jointly(self, request, text, plan, keyframes) -> list[dict]:
+        """generate.base_frames's joint path on the Denoiser replicas: one sampler step of
+        every window at once, then the latents neighbours share averaged; each window's
+        denoiser output as Denoiser.denoise returns it."""
+        from cineray.pipelines.windows import average_shared
+
+        stage = "denoise" if plan.windows[0].level == 0 else "denoise_keyframes"
+        xs, seconds, replicas = [None] * len(plan.windows), [0.0] * len(plan.windows), {}
+        i, steps = 0, 1
+        while i < steps:
+            def send(w, i=i, xs=xs):
+                return self.h["Denoiser"].denoise_step.remote(request, text, w, keyframes,
+                                                              request.seed, xs[w.index], i)
+            pending = [send(w) for w in plan.windows]
+            outs = [self.wait(f"window {w.level}/{w.index} step {i}", stage, pending[w.index],
+                              lambda w=w: send(w))[0] for w in plan.windows]
+            xs = [out["latents"] for out in outs]
+            average_shared(xs, plan.shared)
+            for w, out in zip(plan.windows, outs, strict=True):
+                seconds[w.index] += out["seconds"]
+                replicas.setdefault(w.index, out["replica"])
+            steps, i = outs[0]["steps"], i + 1
+            self.progress(stage, 0.9 * (self.done_windows + len(xs) * i / steps)
+                          / self.total_windows)
+        return [{"latents": x, "replica": replicas[k], "seconds": seconds[k],
+                 "level": w.level, "index": w.index}
+                for k, (w, x) in enumerate(zip(plan.windows, xs, strict=True))]
+
+    def wait(self, what: str, stage: str, response, resend) -> tuple[dict, int]:
+        """A response's result, sent again (resend()) when its replica was lost."""
+        attempt = 1
+        while True:
             self.check()
             try:
                 with self.timer("wait_" + stage):
-                    out = response.result()
-                break
+                    return response.result(), attempt
             except Exception as e:
                 if not retryable(e):
                     raise
                 if attempt > self.o.retries:
-                    raise RuntimeError(f"window {window.level}/{window.index} failed "
-                                       f"{attempt} times; last: {e}") from e
-                logger.warning("job %s: window %s/%s lost (%s); retrying", self.id,
-                               window.level, window.index, type(e).__name__)
-                response = self.submit(request, text, window, keyframes)
+                    raise RuntimeError(f"{what} failed {attempt} times; last: {e}") from e
+                logger.warning("job %s: %s lost (%s); retrying", self.id, what,
+                               type(e).__name__)
+                response, attempt = resend(), attempt + 1
+
+    def wait_window(self, window, response, resend) -> dict:
+        stage = "denoise" if window.level == 0 else "denoise_keyframes"
+        out, attempt = self.wait(f"window {window.level}/{window.index}", stage, response,
+                                 resend)
         self.timings[stage] = self.timings.get(stage, 0.0) + out["seconds"]
         self.timings["decode"] = self.timings.get("decode", 0.0) + out["decode_seconds"]
         self.windows.append({"sample": self.sample, "level": window.level, "index": window.index,

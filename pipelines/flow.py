@@ -166,21 +166,41 @@ def sample(model, flow: RectifiedFlow, cfg: SamplerConfig, shape: tuple[int, ...
     at every step, so they come out equal to the conditioning latents. The same seed and config
     give bit-identical latents on the same CPU (noise comes from a seeded CPU generator).
     """
-    device = cond.frames.device
-    gen = torch.Generator().manual_seed(seed)
-    noise = torch.randn(shape, generator=gen).to(device)
-    c = shape[1]
-    known, exact = cond.frames[:, :c], cond.frames[:, c : c + 1]
-    v_fn = guided_velocity(model, flow, cond, uncond, cfg.guidance, cfg.guidance_interval)
-    sampler = make_sampler(cfg.method)
-    ts = timesteps(cfg.steps, cfg.shift).tolist()
-    x = noise
+    run = SamplingRun(model, flow, cfg, shape, cond, uncond, seed)
+    x = run.start()
     for i in range(cfg.steps):
-        x = torch.lerp(x, flow.add_noise(known, noise, torch.tensor([ts[i]])), exact)
-        x = sampler.step(v_fn, x, ts[i], ts[i + 1])
+        x = run.step(x, i)
         if progress is not None:
             progress(i + 1, cfg.steps)
-    return torch.lerp(x, known, exact)  # t = 0: exact frames are the conditioning latents
+    return run.finish(x)
+
+
+class SamplingRun:
+    """`sample` one step at a time, for callers that act between steps (joint denoising of
+    overlapping windows averages their shared latents after every step). start() -> the
+    noise; step(x, i) -> x after step i of cfg.steps; finish(x) -> the latents."""
+
+    def __init__(self, model, flow: RectifiedFlow, cfg: SamplerConfig, shape: tuple[int, ...],
+                 cond: Conditioning, uncond: Conditioning | None, seed: int):
+        gen = torch.Generator().manual_seed(seed)
+        self.noise = torch.randn(shape, generator=gen).to(cond.frames.device)
+        c = shape[1]
+        self.known, self.exact = cond.frames[:, :c], cond.frames[:, c : c + 1]
+        self.flow, self.sampler = flow, make_sampler(cfg.method)
+        self.v_fn = guided_velocity(model, flow, cond, uncond, cfg.guidance, cfg.guidance_interval)
+        self.ts = timesteps(cfg.steps, cfg.shift).tolist()
+
+    def start(self) -> torch.Tensor:
+        return self.noise
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, i: int) -> torch.Tensor:
+        t = self.ts[i]
+        x = torch.lerp(x, self.flow.add_noise(self.known, self.noise, torch.tensor([t])), self.exact)
+        return self.sampler.step(self.v_fn, x, t, self.ts[i + 1])
+
+    def finish(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.lerp(x, self.known, self.exact)  # exact frames: the conditioning latents
 
 
 @torch.no_grad()

@@ -1,10 +1,11 @@
 """One-process generation: the stages of stages.py chained as streams, window by window.
 
-    text -> plan -> [keyframe pass] -> for each window: denoise -> decode -> blend
+    text -> plan -> [keyframe pass] -> denoise the windows (jointly) -> for each: decode -> blend
          -> spatial x2 (chunked) -> temporal x2 (chunked) -> uint8 frames -> MP4
 
 Windows flow through decode, blending and the upscalers as they finish, so no stage holds a
-long clip in memory; only the finished uint8 frames grow with the clip's length.
+long clip in memory; only the finished uint8 frames grow with the clip's length. Windows
+denoised jointly (WindowConfig.joint) finish together, then flow on the same way.
 Task variants share the stream helpers: `generate` (text-to-video, or image-to-video when the
 request holds an image), `image_to_video`, `extend`.
 """
@@ -30,6 +31,7 @@ from cineray.pipelines.stages import (
     decode,
     denoise_latents,
     denoise_window,
+    denoise_windows,
     derive_seed,
     encode_images,
     encode_text,
@@ -79,11 +81,12 @@ class _Steps:
     def __init__(self, progress: ProgressFn | None, windows: int):
         self.progress, self.total, self.done = progress, max(windows, 1), 0
 
-    def window(self, stage: str):
+    def window(self, stage: str, count: int = 1):
+        """The step callback of `count` windows sampled together."""
         if self.progress is None:
             return None
-        base, self.done = self.done, self.done + 1
-        return lambda i, n: self.progress(stage, (base + i / n) / self.total)
+        base, self.done = self.done, self.done + count
+        return lambda i, n: self.progress(stage, (base + count * i / n) / self.total)
 
 
 def check_request(components: Components, request: GenerationRequest) -> None:
@@ -162,11 +165,20 @@ def base_frames(components: Components, request: GenerationRequest, text: Prompt
     """
     keyframes = plan_keyframes(components, request, text, plan, first, timer, steps)
     blender = Blender(plan)
-    for window in plan.windows:
-        stage = "denoise" if window.level == 0 else "denoise_keyframes"
+    stage = "denoise" if plan.windows[0].level == 0 else "denoise_keyframes"
+    joint = None
+    if plan.shared:  # the level's windows denoised together, then decoded one by one
         with timer(stage):
-            z = denoise_window(components, request, text, window, keyframes, request.seed,
-                               steps.window(stage))
+            joint = denoise_windows(components, request, text, plan.windows, keyframes,
+                                    request.seed, plan.shared,
+                                    steps.window(stage, len(plan.windows)))
+    for window in plan.windows:
+        if joint is not None:
+            z = joint[window.index]
+        else:
+            with timer(stage):
+                z = denoise_window(components, request, text, window, keyframes, request.seed,
+                                   steps.window(stage))
         with timer("decode"):
             video = decode(components, z)
         with timer("blend"):

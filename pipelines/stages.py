@@ -27,10 +27,17 @@ from cineray.models.text_encoder import TEXT_PRESETS, TextEmbedding, TextEncoder
 from cineray.models.upscaler import UPSCALER_PRESETS, Upscaler
 from cineray.models.video_vae import VAE_PRESETS, VideoVAE
 from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, guided_conditioning
-from cineray.pipelines.flow import SAMPLERS, FlowConfig, RectifiedFlow, SamplerConfig, sample
+from cineray.pipelines.flow import (
+    SAMPLERS,
+    FlowConfig,
+    RectifiedFlow,
+    SamplerConfig,
+    SamplingRun,
+    sample,
+)
 from cineray.pipelines.training import to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, build, load_component
-from cineray.pipelines.windows import Window, WindowConfig
+from cineray.pipelines.windows import Window, WindowConfig, average_shared
 from cineray.video import write_mp4
 from cineray.world import CAMERAS
 
@@ -317,6 +324,43 @@ def denoise_window(components: Components, request: GenerationRequest, text: Pro
     frames = window_frames(components, request, window, keyframes)
     return denoise_latents(components, request, text, frames, window.fps,
                            derive_seed(seed, "window", window.level, window.index), progress)
+
+
+def window_run(components: Components, request: GenerationRequest, text: PromptEmbedding,
+               window: Window, keyframes: torch.Tensor | None, seed: int) -> SamplingRun:
+    """denoise_window one step at a time: the same noise, conditioning and steps."""
+    frames = window_frames(components, request, window, keyframes).to(components.device)
+    cond, uncond = guided_conditioning(text.cond, text.uncond, [request.camera],
+                                       [request.resolved_camera_speed],
+                                       [request.focal_length_mm], [window.fps], frames)
+    shape = (1, components.vae.cfg.latent_channels, *frames.shape[2:])
+    return SamplingRun(components.denoiser, components.flow, sampler_config(components, request),
+                       shape, cond, uncond, derive_seed(seed, "window", window.level, window.index))
+
+
+def window_step(run: SamplingRun, x: torch.Tensor | None, i: int) -> torch.Tensor:
+    """Step i of a window's run from x (None: its noise); the last step returns the latents.
+    The exact frames that finishing sets are never shared, so averaging the shared frames
+    before or after finishing is the same."""
+    x = run.step(run.start() if x is None else x, i)
+    return run.finish(x) if i == len(run.ts) - 2 else x
+
+
+def denoise_windows(components: Components, request: GenerationRequest, text: PromptEmbedding,
+                    windows: tuple[Window, ...], keyframes: torch.Tensor | None, seed: int,
+                    shared: tuple[tuple[int, int, int], ...], progress=None) -> list[torch.Tensor]:
+    """A level's windows denoised jointly (WindowPlan.shared): each sampler step of every
+    window, then the latent groups neighbours share averaged, so that the windows agree where
+    they overlap. Each window's latents (1, C, T', h, w), in order."""
+    runs = [window_run(components, request, text, w, keyframes, seed) for w in windows]
+    xs: list[torch.Tensor | None] = [None] * len(runs)
+    steps = len(runs[0].ts) - 1
+    for i in range(steps):
+        xs = [window_step(run, x, i) for run, x in zip(runs, xs, strict=True)]
+        average_shared(xs, shared)
+        if progress is not None:
+            progress(i + 1, steps)
+    return [x.cpu() for x in xs]
 
 
 @torch.no_grad()

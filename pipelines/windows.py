@@ -7,13 +7,21 @@ A clip longer than one window is generated coarse-to-fine (NUWA-XL, Yin et al. 2
    with this module, so a pass longer than one window gets its own keyframe pass).
 2. Every window starts on a keyframe (held exactly as its latent frame 0, the image-to-video
    mechanism) and is guided by every keyframe that falls on one of its group ends, pixel frame
-   4j of the window (the `key` latents the denoiser is trained with). Windows therefore depend on
-   the keyframes only, never on each other, and can be denoised in parallel.
+   4j of the window (the `key` latents the denoiser is trained with).
 3. Neighbouring windows share `overlap` pixel frames, blended with a linear ramp. The default
    overlap of 5 frames (one latent group) is keyed at both of its ends in both windows (the next
    window's start and its first group end), so the two windows agree there and the ramp hides
    the hand-over: the evaluator's seam score fell from 1.30 (overlap 1) to 1.04 with the 5,000-step
    denoiser, for 5 windows instead of 4 on a 65-frame clip.
+4. The frames between those keys are the windows' own, and independently sampled windows drew a
+   fast object at different places there: the blend then showed two half-strength copies, and
+   the object's area jumped by up to 1.7x mid-overlap. So a level's windows are denoised jointly
+   (`joint`, MultiDiffusion, Bar-Tal et al. 2023): after every sampler step the latent group that
+   two neighbours share (`WindowPlan.shared`) is set to the mean of both copies, and the windows
+   come out agreeing on it. Each window is still its own denoiser call per step, so a cluster
+   runs a step of every window in parallel and averages between steps. With the shipped
+   checkpoint, 48 long clips: area variation 0.063 -> 0.052 (real clips 0.032), seam score
+   1.00 -> 0.97, identity in every window 47 -> 48 of 48, background flicker 0.00102 -> 0.00086.
 
 Lengths that do not line up: windows have a fixed length (default 17 = 1 + 4*4) and step
 (length - overlap); the last window is shortened to the smallest 1 + 4k frames that reach the end
@@ -41,6 +49,10 @@ class WindowConfig:
     # A sparser stride (e.g. 16 for 17-frame windows: keyframes on window starts and ends only)
     # makes the keyframe pass shorter and cheaper, and guides each window less.
     keyframe_stride: int | None = None
+    # Denoise a level's windows together, averaging the latent groups that neighbouring windows
+    # share after every sampler step (MultiDiffusion, Bar-Tal et al. 2023), so that they agree
+    # where they overlap; False: each window alone (in parallel, streamed as each finishes).
+    joint: bool = True
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,9 @@ class WindowPlan:
     fps: float
     windows: tuple[Window, ...]
     keyframes: KeyframePass | None  # None for a one-window clip
+    # (i, a, b): latent frame a of window i and latent frame b of window i + 1 cover the same
+    # pixel frames; denoised jointly (WindowConfig.joint), they are averaged after every step.
+    shared: tuple[tuple[int, int, int], ...] = ()
 
     @property
     def planned(self) -> int:
@@ -126,7 +141,29 @@ def plan_windows(frames: int, fps: float, config: WindowConfig | None = None,
         Window(i, s, length, fps, s // stride, _group_end_keys(s, length, stride, count), level)
         for i, (s, length) in enumerate(zip(starts, lengths, strict=True)))
     sub = plan_windows(count, fps / stride, cfg, level + 1)
-    return WindowPlan(frames, fps, windows, KeyframePass(stride, count, sub))
+    shared = _shared_groups(windows) if cfg.joint else ()
+    return WindowPlan(frames, fps, windows, KeyframePass(stride, count, sub), shared)
+
+
+def _shared_groups(windows: tuple[Window, ...]) -> tuple[tuple[int, int, int], ...]:
+    """(i, a, b) for every latent group (4 pixel frames ending at window i's frame 4a) that is
+    also window i + 1's group b >= 1. None when the step is not a multiple of 4 (the groups
+    do not line up) or the overlap is a single frame (latent frame 0 is one frame, not a group)."""
+    out = []
+    for i, (prev, win) in enumerate(zip(windows, windows[1:], strict=False)):
+        for a in range(1, prev.latent_frames):
+            d = prev.start + 4 * a - win.start
+            if d >= 4 and d % 4 == 0 and d // 4 < win.latent_frames:
+                out.append((i, a, d // 4))
+    return tuple(out)
+
+
+def average_shared(latents: list[torch.Tensor], shared: tuple[tuple[int, int, int], ...]) -> None:
+    """Make neighbouring windows' shared latent frames (B, C, T', h, w) their mean, in place."""
+    for i, a, b in shared:
+        mean = 0.5 * (latents[i][:, :, a] + latents[i + 1][:, :, b])
+        latents[i][:, :, a] = mean
+        latents[i + 1][:, :, b] = mean
 
 
 def _check(frames: int, fps: float, cfg: WindowConfig) -> None:

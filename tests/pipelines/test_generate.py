@@ -20,6 +20,7 @@ from cineray.pipelines.stages import (
     GenerationRequest,
     decode,
     denoise_window,
+    denoise_windows,
     encode_images,
     encode_text,
     image_latent,
@@ -62,7 +63,8 @@ def test_long_clip_of_five_windows(components):
     frames, fps = _decoded(result)
     assert frames.shape == (65, 32, 32, 3) and fps == 16.0
     assert len(result.plan.windows) == 5 and result.plan.keyframes.count == 17
-    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) == 6 * 2
+    # the keyframe pass's 2 steps, then the 5 windows' 2 steps taken together
+    assert seen == sorted(seen) and seen[-1] == pytest.approx(1.0) and len(seen) == 2 + 2
     assert result.timings["denoise_keyframes"] > 0
 
 
@@ -95,6 +97,26 @@ def test_same_seed_same_clip_and_windows_run_in_any_order(components):
     blender = Blender(plan)
     out = [blender.add(w, decode(components, latents[w.index])) for w in plan.windows]
     assert np.array_equal(to_uint8(torch.cat(out, dim=2)), a.frames)
+
+
+def test_jointly_denoised_windows_are_decoded_and_blended_like_any_others(components):
+    """The default overlap shares one latent group between neighbours: the pipeline denoises
+    them together, then decodes and blends them as it does independent windows."""
+    req = replace(REQ, frames=41)
+    a = generate(components, req)
+    plan, text = a.plan, encode_text(components, req)
+    assert len(plan.windows) == 3 and plan.shared == ((0, 4, 1), (1, 4, 1))
+    kf = torch.cat(list(base_frames(components, req, text, plan.keyframes.plan, None, Timer(),
+                                    _Steps(None, 1))), dim=2)
+    keyframes = encode_images(components, kf[0].transpose(0, 1))
+    latents = denoise_windows(components, req, text, plan.windows, keyframes, req.seed,
+                              plan.shared)
+    videos = [decode(components, z) for z in latents]
+    blender = Blender(plan)
+    out = [blender.add(w, v) for w, v in zip(plan.windows, videos, strict=True)]
+    assert np.array_equal(to_uint8(torch.cat(out, dim=2)), a.frames)
+    apart = generate(replace(components, windows=WindowConfig(joint=False)), req)
+    assert apart.plan.shared == () and not np.array_equal(apart.frames, a.frames)
 
 
 def test_render_to_file_writes_an_mp4_under_the_storage_root(components, local_storage):

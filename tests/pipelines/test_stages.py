@@ -16,6 +16,7 @@ from cineray.pipelines.stages import (
     GenerationRequest,
     denoise_latents,
     denoise_window,
+    denoise_windows,
     encode_text,
     image_latent,
     prefix_frames,
@@ -143,6 +144,28 @@ def test_window_latents_are_a_pure_function_of_window_conditioning_and_seed(comp
     assert not torch.allclose(a, denoise_window(components, REQ, text, w, keys, seed=4))
     other = replace(plan.windows[2], exact=w.exact, keys=w.keys)  # same conditioning, index 2
     assert not torch.allclose(a, denoise_window(components, REQ, text, other, keys, seed=3))
+
+
+def test_joint_windows_agree_on_their_shared_latents_and_are_otherwise_the_same_run(components):
+    """Without shared groups joint denoising is denoise_window window by window, bit for bit;
+    with them, the groups neighbours share come out identical in both windows."""
+    plan = plan_windows(65, 8.0)
+    assert plan.shared == ((0, 4, 1), (1, 4, 1), (2, 4, 1), (3, 4, 1))
+    text = encode_text(components, REQ)
+    keys = torch.randn(17, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    req = replace(REQ, steps=4)
+    alone = [denoise_window(components, req, text, w, keys, seed=2) for w in plan.windows]
+    apart = denoise_windows(components, req, text, plan.windows, keys, 2, shared=())
+    assert all(torch.equal(a, b) for a, b in zip(alone, apart, strict=True))
+    calls = []
+    joint = denoise_windows(components, req, text, plan.windows, keys, 2, plan.shared,
+                            progress=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    for i, a, b in plan.shared:
+        assert torch.equal(joint[i][:, :, a], joint[i + 1][:, :, b])
+        assert not torch.allclose(alone[i][:, :, a], alone[i + 1][:, :, b])
+    for w, z in zip(plan.windows, joint, strict=True):  # keyframes are still held exactly
+        assert torch.equal(z[0, :, 0], keys[w.exact])
 
 
 def test_exact_frames_come_out_unchanged(components, image):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cineray.pipelines.windows import Blender, WindowConfig, plan_windows
+from cineray.pipelines.windows import Blender, WindowConfig, average_shared, plan_windows
 
 FRAMES = [1, 2, 4, 5, 9, 16, 17, 18, 21, 33, 34, 49, 64, 65, 66, 100, 129, 257, 300, 1025]
 CONFIGS = [(w, o) for w in (5, 9, 17, 33) for o in (1, 2, 3, 4, 5, 8) if o <= (w - 1) // 2]
@@ -147,3 +147,26 @@ def test_a_sparser_keyframe_stride_shortens_the_keyframe_pass():
     plan = plan_windows(65, 8.0, WindowConfig(overlap=1, keyframe_stride=16))
     assert plan.keyframes.count == 5 and plan.keyframes.plan.windows[0].length == 5
     assert [(w.exact, w.keys) for w in plan.windows] == [(i, ((4, i + 1),)) for i in range(4)]
+
+
+@pytest.mark.parametrize(("window", "overlap", "frames", "shared"), [
+    (17, 5, 65, ((0, 4, 1), (1, 4, 1), (2, 4, 1), (3, 4, 1))),  # one group per overlap
+    (17, 1, 65, ()),  # a one-frame overlap shares no group
+    (17, 7, 41, ()),  # a step of 10 puts the groups out of line
+    (33, 9, 65, ((0, 7, 1), (0, 8, 2), (1, 7, 1), (1, 8, 2))),  # two groups per overlap
+])
+def test_neighbours_share_the_latent_groups_that_cover_the_same_frames(window, overlap, frames,
+                                                                        shared):
+    plan = plan_windows(frames, 8.0, WindowConfig(window, overlap))
+    assert plan.shared == shared
+    for i, a, b in shared:  # the same 4 pixel frames, ending on the same clip frame
+        assert plan.windows[i].start + 4 * a == plan.windows[i + 1].start + 4 * b
+    assert plan_windows(frames, 8.0, WindowConfig(window, overlap, joint=False)).shared == ()
+
+
+def test_average_shared_makes_both_copies_their_mean():
+    a, b = torch.zeros(1, 2, 3, 2, 2), torch.ones(1, 2, 5, 2, 2)
+    average_shared([a, b], ((0, 2, 1),))
+    assert torch.equal(a[:, :, 2], torch.full((1, 2, 2, 2), 0.5))
+    assert torch.equal(a[:, :, 2], b[:, :, 1])
+    assert a[:, :, :2].eq(0).all() and b[:, :, 0].eq(1).all() and b[:, :, 2:].eq(1).all()
