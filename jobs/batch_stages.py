@@ -160,7 +160,8 @@ class TextEncode(_Stage):
 
 class Denoise(_Stage):
     """Every window of the row's plan: the keyframe pass first (when the clip spans several
-    windows), then the windows, each with denoise_window -- a pure function of its inputs."""
+    windows), then the windows with denoise_windows (jointly where the plan shares latents)
+    -- a pure function of its inputs."""
 
     name = "denoise"
 
@@ -174,7 +175,7 @@ class Denoise(_Stage):
 
     def step(self, row, state):
         from cineray.pipelines.generate import Timer, _Steps, check_request, plan_keyframes
-        from cineray.pipelines.stages import denoise_window, image_latent
+        from cineray.pipelines.stages import denoise_windows, image_latent
         from cineray.pipelines.windows import plan_windows
 
         c, request, text = self.components, state["request"], state["text"]
@@ -183,8 +184,8 @@ class Denoise(_Stage):
         first = None if request.image is None else image_latent(c, request.image)
         # the coarse pass first, exactly as generate() runs it
         keyframes = plan_keyframes(c, request, text, plan, first, Timer(), _Steps(None, 1))
-        state["latents"] = [denoise_window(c, request, text, w, keyframes, request.seed)
-                            for w in plan.windows]  # [(1, C, T', h, w)]
+        state["latents"] = denoise_windows(c, request, text, plan.windows, keyframes,
+                                           request.seed, plan.shared)  # [(1, C, T', h, w)]
         state.update(plan=plan, model_id=self.model_id)
         del state["text"]
 

@@ -150,7 +150,7 @@ def test_stage_chain_equals_generate_and_package_writes_once(local_storage):
     import pickle
 
     state = pickle.loads(rows[0]["state"])
-    reference = generate(components, state["request"])  # keyframe pass + 2 windows + x2
+    reference = generate(components, state["request"])  # keyframe pass + 3 joint windows + x2
     assert state["frames"].shape == (33, 64, 64, 3)
     np.testing.assert_array_equal(state["frames"], reference.frames)
 
