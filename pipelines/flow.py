@@ -166,13 +166,7 @@ def sample(model, flow: RectifiedFlow, cfg: SamplerConfig, shape: tuple[int, ...
     at every step, so they come out equal to the conditioning latents. The same seed and config
     give bit-identical latents on the same CPU (noise comes from a seeded CPU generator).
     """
-    run = SamplingRun(model, flow, cfg, shape, cond, uncond, seed)
-    x = run.start()
-    for i in range(cfg.steps):
-        x = run.step(x, i)
-        if progress is not None:
-            progress(i + 1, cfg.steps)
-    return run.finish(x)
+    return SamplingRun(model, flow, cfg, shape, cond, uncond, seed).run(progress)
 
 
 class SamplingRun:
@@ -201,6 +195,15 @@ class SamplingRun:
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return torch.lerp(x, self.known, self.exact)  # exact frames: the conditioning latents
+
+    def run(self, progress: Callable[[int, int], None] | None = None) -> torch.Tensor:
+        """Every step, start to finish (what `sample` returns)."""
+        x, steps = self.start(), len(self.ts) - 1
+        for i in range(steps):
+            x = self.step(x, i)
+            if progress is not None:
+                progress(i + 1, steps)
+        return self.finish(x)
 
 
 @torch.no_grad()

@@ -27,14 +27,7 @@ from cineray.models.text_encoder import TEXT_PRESETS, TextEmbedding, TextEncoder
 from cineray.models.upscaler import UPSCALER_PRESETS, Upscaler
 from cineray.models.video_vae import VAE_PRESETS, VideoVAE
 from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, guided_conditioning
-from cineray.pipelines.flow import (
-    SAMPLERS,
-    FlowConfig,
-    RectifiedFlow,
-    SamplerConfig,
-    SamplingRun,
-    sample,
-)
+from cineray.pipelines.flow import SAMPLERS, FlowConfig, RectifiedFlow, SamplerConfig, SamplingRun
 from cineray.pipelines.training import to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, build, load_component
 from cineray.pipelines.windows import Window, WindowConfig, average_shared
@@ -299,20 +292,24 @@ def prefix_frames(prefix: torch.Tensor, latent_frames: int) -> torch.Tensor:
     return frames
 
 
+def latents_run(components: Components, request: GenerationRequest, text: PromptEmbedding,
+                frames: torch.Tensor, fps: float, noise_seed: int) -> SamplingRun:
+    """The sampling of latents (1, C, T', h, w) given conditioning frames (1, C + 2, T', h, w),
+    ready to run whole or one step at a time."""
+    frames = frames.to(components.device)
+    cond, uncond = guided_conditioning(text.cond, text.uncond, [request.camera],
+                                       [request.resolved_camera_speed],
+                                       [request.focal_length_mm], [fps], frames)
+    shape = (1, components.vae.cfg.latent_channels, *frames.shape[2:])
+    return SamplingRun(components.denoiser, components.flow, sampler_config(components, request),
+                       shape, cond, uncond, noise_seed)
+
+
 def denoise_latents(components: Components, request: GenerationRequest, text: PromptEmbedding,
                     frames: torch.Tensor, fps: float, noise_seed: int,
                     progress=None) -> torch.Tensor:
     """Sample latents (1, C, T', h, w) given conditioning frames (1, C + 2, T', h, w)."""
-    dev = components.device
-    frames = frames.to(dev)
-    cond, uncond = guided_conditioning(text.cond, text.uncond, [request.camera],
-                                       [request.resolved_camera_speed],
-                                       [request.focal_length_mm], [fps], frames)
-    c = components.vae.cfg.latent_channels
-    shape = (1, c, *frames.shape[2:])
-    z = sample(components.denoiser, components.flow, sampler_config(components, request), shape,
-               cond, uncond, noise_seed, progress)
-    return z.cpu()
+    return latents_run(components, request, text, frames, fps, noise_seed).run(progress).cpu()
 
 
 def denoise_window(components: Components, request: GenerationRequest, text: PromptEmbedding,
@@ -329,13 +326,9 @@ def denoise_window(components: Components, request: GenerationRequest, text: Pro
 def window_run(components: Components, request: GenerationRequest, text: PromptEmbedding,
                window: Window, keyframes: torch.Tensor | None, seed: int) -> SamplingRun:
     """denoise_window one step at a time: the same noise, conditioning and steps."""
-    frames = window_frames(components, request, window, keyframes).to(components.device)
-    cond, uncond = guided_conditioning(text.cond, text.uncond, [request.camera],
-                                       [request.resolved_camera_speed],
-                                       [request.focal_length_mm], [window.fps], frames)
-    shape = (1, components.vae.cfg.latent_channels, *frames.shape[2:])
-    return SamplingRun(components.denoiser, components.flow, sampler_config(components, request),
-                       shape, cond, uncond, derive_seed(seed, "window", window.level, window.index))
+    return latents_run(components, request, text,
+                       window_frames(components, request, window, keyframes), window.fps,
+                       derive_seed(seed, "window", window.level, window.index))
 
 
 def window_step(run: SamplingRun, x: torch.Tensor | None, i: int) -> torch.Tensor:

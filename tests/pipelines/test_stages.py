@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,8 +105,9 @@ def test_guidance_drops_the_camera_in_the_unconditional_branch(components, monke
     from cineray.pipelines.conditioning import UNSPECIFIED, camera_index
 
     seen = {}
-    monkeypatch.setattr(stages, "sample", lambda model, flow, cfg, shape, cond, uncond, *rest:
-                        seen.update(cond=cond, uncond=uncond) or torch.zeros(shape))
+    monkeypatch.setattr(stages, "SamplingRun", lambda model, flow, cfg, shape, cond, uncond, *rest:
+                        seen.update(cond=cond, uncond=uncond)
+                        or SimpleNamespace(run=lambda progress=None: torch.zeros(shape)))
     request = GenerationRequest("a red ball", frames=5, camera="pan_left", camera_speed=0.15,
                                 focal_length_mm=35.0, guidance=3.0)
     text = encode_text(components, request)
