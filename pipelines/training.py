@@ -41,6 +41,11 @@ class TaskConfig:
     # less than a grey level a frame, and the decoder must keep that motion.
     still_weight: float = 0.0
     still_tolerance: float = 1.5
+    # VAE: the same term once more on the clips whose camera stands still (batch "camera" is
+    # "static"). There the world's background does not change at all, so this pull can be
+    # heavy without steadying the slow background motion of zooms and pans, which a heavy
+    # still_weight on every clip does.
+    still_static_weight: float = 0.0
     # VAE decoder_only: an exported denoiser folder. A share of each batch is decoded from the
     # latents it finishes after noising the clip's own to t in [samples_t_min, samples_t_max]
     # (see DenoiserSamples), so the decoder learns to turn generated latents into clean clips.
@@ -104,10 +109,14 @@ def edge_weights(x: torch.Tensor, strength: float) -> torch.Tensor:
     return 1 + strength * e.unflatten(0, (b, -1)).transpose(1, 2)
 
 
-def still_change(dr: torch.Tensor, dx: torch.Tensor, tolerance: float) -> torch.Tensor:
+def still_change(dr: torch.Tensor, dx: torch.Tensor, tolerance: float,
+                 clips: torch.Tensor | None = None) -> torch.Tensor:
     """Mean |dr - dx| over the pixels (and frame pairs) where the clip's own change dx stays
-    within `tolerance` grey levels in every channel; dr, dx: (B, 3, T-1, H, W) in [-1, 1]."""
+    within `tolerance` grey levels in every channel; dr, dx: (B, 3, T-1, H, W) in [-1, 1].
+    clips: optional (B,) 0/1 mask of the clips that count (none counted gives 0)."""
     still = (dx.abs().amax(dim=1, keepdim=True) <= tolerance / 127.5).float()
+    if clips is not None:
+        still = still * clips.to(still).view(-1, 1, 1, 1, 1)
     return ((dr - dx).abs() * still).sum() / (3 * still.sum()).clamp_min(1.0)
 
 
@@ -123,9 +132,9 @@ class VAETask:
         self.cfg, self.task, self.spec = cfg, cfg.task, spec
         self.gen = torch.Generator().manual_seed(cfg.task.seed)
         self.samples = None
-        if self.task.still_weight < 0 or self.task.still_tolerance < 0:
-            raise ValueError(f"task.still_weight and task.still_tolerance must be >= 0, got "
-                             f"{self.task.still_weight} and {self.task.still_tolerance}")
+        for key in ("still_weight", "still_static_weight", "still_tolerance"):
+            if getattr(self.task, key) < 0:
+                raise ValueError(f"task.{key} must be >= 0, got {getattr(self.task, key)}")
         if self.task.decoder_samples:
             if not self.task.decoder_only:
                 raise ValueError("task.decoder_samples needs task.decoder_only=true: the denoiser "
@@ -160,11 +169,15 @@ class VAETask:
         dx, dr = x.diff(dim=2), recon.float().diff(dim=2)
         dt = (dr - dx).abs().mean()
         still = still_change(dr, dx, self.task.still_tolerance)
-        loss = rec + self.task.temporal_weight * dt + self.task.still_weight * still
+        static = torch.tensor([c == "static" for c in batch["camera"]])
+        still_static = still_change(dr, dx, self.task.still_tolerance, static)
+        loss = (rec + self.task.temporal_weight * dt + self.task.still_weight * still
+                + self.task.still_static_weight * still_static)
         if not self.task.decoder_only:
             loss = loss + self.task.kl_weight * kl
             track_latent_stats(getattr(model, "module", model), mean.detach().float())
-        return loss, {"rec": rec.item(), "kl": kl.item(), "dt": dt.item(), "still": still.item()}
+        return loss, {"rec": rec.item(), "kl": kl.item(), "dt": dt.item(), "still": still.item(),
+                      "still_static": still_static.item()}
 
     def _decode_samples(self, vae: VideoVAE, x: torch.Tensor, batch: dict):
         """The training pass with the first samples_fraction of the clips decoded from

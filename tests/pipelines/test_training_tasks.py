@@ -305,10 +305,31 @@ def test_still_change_counts_only_the_clip_s_still_pixels():
     assert still_change(torch.zeros(1, 3, 2, 8, 8), drift.diff(dim=2), 1.5) > 0  # frozen: a cost
 
 
-def test_vae_task_rejects_negative_still_settings(cfg):
-    for bad in ({"still_weight": -1.0}, {"still_tolerance": -0.5}):
-        with pytest.raises(ValueError, match="task.still_weight and task.still_tolerance"):
-            make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **bad)))
+def test_still_change_on_chosen_clips_averages_over_their_pixels_alone():
+    dx = torch.zeros(2, 3, 2, 4, 4)
+    dr = torch.zeros(2, 3, 2, 4, 4)
+    dr[1] = 0.25  # the second clip's decoder shimmers everywhere, the first clip's nowhere
+    assert torch.isclose(still_change(dr, dx, 1.5), torch.tensor(0.125))
+    assert still_change(dr, dx, 1.5, torch.tensor([True, False])) == 0
+    assert torch.isclose(still_change(dr, dx, 1.5, torch.tensor([False, True])), torch.tensor(0.25))
+    assert still_change(dr, dx, 1.5, torch.tensor([False, False])) == 0  # none chosen: no cost
+
+
+def test_vae_task_charges_the_still_camera_clips_and_rejects_negative_still_settings(cfg):
+    task = make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(
+        cfg.task, still_static_weight=5.0)))
+    batch = world_batch(2)
+    batch["camera"] = ["static", "pan_left"]
+    loss, parts = task.loss(task.build_model(), batch, step=0)
+    loss.backward()
+    assert torch.isfinite(loss) and parts["still_static"] > 0  # a fresh decoder shimmers
+    batch["camera"] = ["pan_left", "zoom_in"]
+    assert task.loss(task.build_model(), batch, step=0)[1]["still_static"] == 0
+    for key, bad in (("still_weight", -1.0), ("still_static_weight", -2.0),
+                     ("still_tolerance", -0.5)):
+        with pytest.raises(ValueError, match=f"task.{key} must be >= 0"):
+            make_task("vae", dataclasses.replace(cfg, task=dataclasses.replace(
+                cfg.task, **{key: bad})))
 
 
 def test_denoiser_task_reports_its_temporal_error_and_rejects_a_negative_weight(cfg):
