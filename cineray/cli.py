@@ -167,6 +167,9 @@ def render(
     camera: Annotated[str | None, typer.Option(help="Camera motion: static, pan_left, ...")] = None,
     camera_speed: Annotated[float | None, typer.Option(help="Camera speed.")] = None,
     focal_length: Annotated[float, typer.Option(help="Focal length in mm.")] = 50.0,
+    hold_background: Annotated[bool, typer.Option(
+        help="With --camera static: hold the background still (pixels within a few grey "
+             "levels of its plate).")] = True,
     negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
     image: Annotated[str | None, typer.Option(help="First frame (PNG/JPEG): image-to-video.")] = None,
     upscale: Annotated[str, typer.Option(help="none | spatial | full (x2 size, x2 fps).")] = "none",
@@ -201,7 +204,7 @@ def render(
         prompt=prompt, negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps,
         width=width, height=height, camera=camera, camera_speed=camera_speed,
         focal_length_mm=focal_length, guidance=guidance, steps=steps, sampler=sampler,
-        image=picture, upscale=upscale)
+        image=picture, upscale=upscale, hold_background=hold_background)
     if checkpoint and not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a folder; give the folder "
                                 f"holding vae/, denoiser/, upscaler_spatial/, upscaler_temporal/")

@@ -102,7 +102,8 @@ def request_body(request) -> dict:
             "seed": request.seed, "frames": request.frames, "fps": request.fps,
             "size": f"{request.width}x{request.height}", "upscale": request.upscale,
             "camera": {"motion": request.camera, "speed": request.camera_speed,
-                       "focal_length_mm": request.focal_length_mm}}
+                       "focal_length_mm": request.focal_length_mm,
+                       "hold_background": request.hold_background}}
     for name in ("guidance", "steps", "sampler"):
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)

@@ -1,7 +1,8 @@
 """One-process generation: the stages of stages.py chained as streams, window by window.
 
     text -> plan -> [keyframe pass] -> denoise the windows (jointly) -> for each: decode -> blend
-         -> spatial x2 (chunked) -> temporal x2 (chunked) -> uint8 frames -> MP4
+         -> [hold a still camera's background] -> spatial x2 (chunked) -> temporal x2 (chunked)
+         -> uint8 frames -> MP4
 
 Windows flow through decode, blending and the upscalers as they finish, so no stage holds a
 long clip in memory; only the finished uint8 frames grow with the clip's length. Windows
@@ -147,7 +148,8 @@ def extend(components: Components, request: GenerationRequest, clip: np.ndarray,
     new = components.windows.frames - context  # new frames per step
     steps = _Steps(progress, -(-request.frames // new))
     base = extension_frames(components, request, text, clip, context, timer, steps)
-    return finish(components, request, base, len(clip) + request.frames, timer, None)
+    return finish(components, request, base, len(clip) + request.frames, timer, None,
+                  given=len(clip))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -226,6 +228,54 @@ def extension_frames(components: Components, request: GenerationRequest, text: P
         remaining, i = remaining - new, i + 1
 
 
+# A still camera's background: a pixel within HOLD_LEVELS[0] grey levels of the plate is set to
+# it, one beyond HOLD_LEVELS[1] is left alone, and one between is blended linearly.
+HOLD_LEVELS = (8.0, 16.0)
+
+
+def hold_background(chunks: Iterator[torch.Tensor], plate_frames: int, given: int = 0,
+                    levels: tuple[float, float] = HOLD_LEVELS) -> Iterator[torch.Tensor]:
+    """A still camera's frames (a stream of chunks (1, 3, n, H, W)) with the background held on
+    one plate: the last of the `given` frames the caller supplied (an image-to-video first
+    frame, the end of a clip being extended), else the per-pixel median of the first
+    `plate_frames` frames.
+
+    The world a locked-off shot films does not change behind its objects, but the decoder
+    redraws the background from each latent frame, and the denoiser's latents of it differ a
+    little from one to the next: a drift of a grey level or two. Pixels that stay near the plate
+    are set to it; the objects (and whatever differs from the background by more than a few
+    grey levels) pass unchanged, since a pixel moves by at most levels[1] grey levels and only
+    towards the plate. The given frames pass unchanged. Streams: only the frames the plate
+    needs are held back."""
+    lo, hi = (v / 127.5 for v in levels)  # grey levels -> the [-1, 1] scale
+    need = given or plate_frames
+    buf, plate, done = [], None, 0
+    for chunk in chunks:
+        if plate is None:
+            buf.append(chunk)
+            if sum(c.shape[2] for c in buf) < need:
+                continue
+            chunk, buf = torch.cat(buf, dim=2), []
+            plate = _plate(chunk[:, :, :need], given)
+        yield _held(chunk, plate, lo, hi, max(0, given - done))
+        done += chunk.shape[2]
+    if buf:  # a stream shorter than the plate needs: its own median
+        chunk = torch.cat(buf, dim=2)
+        yield _held(chunk, _plate(chunk, 0), lo, hi, given)
+
+
+def _plate(video: torch.Tensor, given: int) -> torch.Tensor:
+    return video[:, :, given - 1 : given] if given else video.median(dim=2, keepdim=True).values
+
+
+def _held(video: torch.Tensor, plate: torch.Tensor, lo: float, hi: float,
+          keep: int) -> torch.Tensor:
+    d = (video - plate).abs().amax(dim=1, keepdim=True)  # the largest channel difference
+    out = torch.lerp(video, plate.expand_as(video), ((hi - d) / (hi - lo)).clamp(0, 1))
+    out[:, :, :keep] = video[:, :, :keep]
+    return out
+
+
 def upscale_stream(components: Components, kind: str, chunks: Iterator[torch.Tensor],
                    timer: Timer) -> Iterator[torch.Tensor]:
     """Run one upscaler stage over a stream of frame chunks (1, 3, n, H, W), in chunks of
@@ -261,9 +311,15 @@ def _upscale_span(components, kind, buf, buf_start, a, b, halo) -> torch.Tensor:
 
 
 def finish(components: Components, request: GenerationRequest, base: Iterator[torch.Tensor],
-           frames: int, timer: Timer, plan: WindowPlan | None) -> GenerationResult:
-    """Upscale the stream of `frames` base frames as the request asks; collect the uint8 output
-    and the base-resolution preview into arrays allocated once (no list + concatenate copy)."""
+           frames: int, timer: Timer, plan: WindowPlan | None,
+           given: int | None = None) -> GenerationResult:
+    """Hold a still camera's background (request.hold_background), upscale the stream of
+    `frames` base frames as the request asks; collect the uint8 output and the base-resolution
+    preview into arrays allocated once (no list + concatenate copy). given: leading frames the
+    caller supplied, which stay as they are (default: the request's image, if any)."""
+    if request.camera == "static" and request.hold_background:
+        given = (request.image is not None) if given is None else given
+        base = hold_background(base, components.windows.frames, int(given))
     preview = _Collector(frames, request.height, request.width)
     stream, fps = preview.tee(base), request.fps
     size, length = (request.height, request.width), frames

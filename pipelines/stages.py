@@ -59,6 +59,8 @@ class GenerationRequest:
     sampler: str | None = None  # "euler" | "heun"
     image: np.ndarray | None = None  # uint8 (height, width, 3): image-to-video first frame
     upscale: str = "none"  # "none" | "spatial" | "full"
+    # With camera "static": hold the background on a still plate (generate.hold_background).
+    hold_background: bool = True
 
     def __post_init__(self):
         _expect(isinstance(self.prompt, str), "prompt", self.prompt, "a string")
@@ -85,6 +87,8 @@ class GenerationRequest:
                 self.steps, "an integer >= 1")
         _expect(self.sampler is None or self.sampler in SAMPLERS, "sampler", self.sampler,
                 f"one of {', '.join(SAMPLERS)}")
+        _expect(isinstance(self.hold_background, bool), "hold_background", self.hold_background,
+                "true or false")
         _expect(self.upscale in UPSCALE_MODES, "upscale", self.upscale,
                 f"one of {', '.join(UPSCALE_MODES)}")
         if self.image is not None:

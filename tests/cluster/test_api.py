@@ -20,6 +20,10 @@ def test_openai_shaped_request_maps_to_a_generation_request():
     gen = api.generation_request(record)
     assert (gen.width, gen.height, gen.frames, gen.camera, gen.seed) == (64, 32, 17, "pan_left", 7)
     assert api.output_frames({**record, "upscale": "full"}) == 33
+    assert gen.hold_background  # on by default; it acts on a still camera only
+    still = parse_request({"prompt": "a ball", "camera": {"motion": "static",
+                                                          "hold_background": False}})
+    assert not api.generation_request(api.to_record(still, seed=1)).hold_background
 
 
 @pytest.mark.parametrize("body, param", [
@@ -27,6 +31,7 @@ def test_openai_shaped_request_maps_to_a_generation_request():
     ({"prompt": "a ball", "n": 5}, "n"),
     ({"prompt": "a ball", "camera": {"speed": -1}}, "camera.speed"),
     ({"prompt": "a ball", "camera": "{not json"}, "camera"),
+    ({"prompt": "a ball", "camera": {"hold_background": "maybe"}}, "camera.hold_background"),
     ({"prompt": "a ball", "upscale": "4k"}, "upscale"),
     ({"prompt": "a ball", "model": "sora-2"}, "model"),
     ({"size": "32x32"}, "prompt"),

@@ -12,7 +12,9 @@ from cineray.pipelines.generate import (
     Timer,
     _Steps,
     base_frames,
+    extend,
     generate,
+    hold_background,
     image_to_video,
     render_to_file,
 )
@@ -125,3 +127,72 @@ def test_render_to_file_writes_an_mp4_under_the_storage_root(components, local_s
     frames, fps = read_mp4(local_storage.read_bytes(uri))
     assert frames.shape == (5, 32, 32, 3) and fps == 8.0 and "mux" in result.timings
     assert [n.rsplit("/", 1)[-1] for n in local_storage.ls("renders")] == [uri.rsplit("/", 1)[-1]]
+
+
+def _drifting_clip(t=33, seed=0):
+    """(1, 3, t, 8, 8): a background that drifts by up to ~3 grey levels frame to frame and a
+    bright object moving across it."""
+    g = torch.Generator().manual_seed(seed)
+    plate = torch.rand(1, 3, 1, 8, 8, generator=g) * 1.6 - 0.8
+    video = plate + (torch.rand(1, 3, t, 8, 8, generator=g) - 0.5) * 6 / 127.5
+    for i in range(t):
+        video[0, :, i, 2:4, i % 8] = 1.0  # the object: far from any background value
+    return video
+
+
+def _hold(video, sizes, plate_frames=17, given=0):
+    return torch.cat(list(hold_background(iter(video.split(sizes, dim=2)), plate_frames,
+                                          given)), dim=2)
+
+
+def test_hold_background_sets_the_still_background_to_its_plate_and_leaves_objects_alone():
+    video = _drifting_clip()
+    plate = video[:, :, :17].median(dim=2, keepdim=True).values
+    video[0, :, 17:, 7, 7] = plate[0, :, 0, 7, 7, None] + 12 / 127.5  # a change after the plate
+    out = _hold(video, [5, 12, 16])
+    object_ = torch.zeros(1, 1, 33, 8, 8, dtype=torch.bool)
+    for i in range(33):
+        object_[0, 0, i, 2:4, i % 8] = True
+    background = ~object_.expand_as(video)
+    background[:, :, 17:, 7, 7] = False
+    # the drifting background is the plate in every frame: it no longer changes at all
+    assert torch.equal(out[background], plate.expand_as(video)[background])
+    assert out[background].numel() > 0 and not torch.equal(video[background], out[background])
+    assert torch.equal(out[object_.expand_as(video)], video[object_.expand_as(video)])
+    # 12 grey levels off: between the levels (8, 16), so half way towards the plate
+    torch.testing.assert_close(out[:, :, 17:, 7, 7],
+                               (video[:, :, 17:, 7, 7] + plate[:, :, :, 7, 7]) / 2)
+    # no pixel moves by more than the upper level, and the chunking does not matter
+    assert (out - video).abs().max() * 127.5 <= 16 + 1e-3
+    assert torch.equal(out, _hold(video, [33])) and torch.equal(out, _hold(video, [1] * 33))
+
+
+def test_hold_background_holds_on_the_last_given_frame_and_short_streams_on_their_median():
+    video = _drifting_clip(t=9)
+    for given, plate in ((2, video[:, :, 1:2]), (0, video.median(dim=2, keepdim=True).values)):
+        out = _hold(video, [3, 6], given=given)  # 9 frames: fewer than plate_frames
+        assert torch.equal(out[:, :, :given], video[:, :, :given])
+        near = ((video - plate).abs().amax(dim=1, keepdim=True) * 127.5 < 8).expand_as(video).clone()
+        near[:, :, :given] = False
+        assert near.any() and torch.equal(out[near], plate.expand_as(video)[near])
+
+
+def test_a_still_camera_request_holds_the_background_and_other_cameras_do_not(components, image):
+    still = replace(REQ, camera="static", frames=9)
+    held, free = generate(components, still), generate(components, replace(still, hold_background=False))
+    diff = np.abs(held.frames.astype(int) - free.frames.astype(int))
+    assert diff.max() <= 17 and diff.any()  # at most 16 grey levels (+1 for rounding), some held
+    assert np.array_equal(held.preview, held.frames)
+    moving = generate(components, replace(still, camera="pan_left"))
+    assert np.array_equal(moving.frames,
+                          generate(components, replace(still, camera="pan_left",
+                                                       hold_background=False)).frames)
+    # image-to-video: the given first frame is not held
+    i2v = image_to_video(components, still, image)
+    plain = image_to_video(components, replace(still, hold_background=False), image)
+    assert np.array_equal(i2v.frames[0], plain.frames[0]) and not np.array_equal(i2v.frames, plain.frames)
+    # extending: the given clip comes back as it was
+    ext = extend(components, replace(still, frames=4), free.frames)
+    assert np.array_equal(ext.frames[:9], free.frames)
+    with pytest.raises(ValueError, match="hold_background"):
+        replace(still, hold_background="yes")
