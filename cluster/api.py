@@ -170,8 +170,9 @@ def generation_request(record: dict, image=None):
         seed=record["seed"], frames=record["frames"], fps=record["fps"],
         width=record["width"], height=record["height"], camera=cam.get("motion"),
         camera_speed=cam.get("speed"), focal_length_mm=cam.get("focal_length_mm", 50.0),
-        hold_background=cam.get("hold_background", True), guidance=record.get("guidance"), steps=record.get("steps"),
-        sampler=record.get("sampler"), image=image, upscale=record.get("upscale", "none"))
+        hold_background=cam.get("hold_background", True), guidance=record.get("guidance"),
+        steps=record.get("steps"), sampler=record.get("sampler"), image=image,
+        upscale=record.get("upscale", "none"))
 
 
 def request_from_record(record: dict, jobs) -> object:
