@@ -2,6 +2,7 @@
 
     python -m cineray.jobs.train --config tiny train.component=vae train.max_steps=500
     python -m cineray.jobs.train export --run tiny-vae --out checkpoints/cineray-tiny/vae
+    python -m cineray.jobs.train average --out soup/denoiser exportA/denoiser exportB/denoiser
 
 One job trains any component (train.component: vae, denoiser, upscaler_spatial,
 upscaler_temporal) through its pipelines.training task. Each worker wraps the plain model in
@@ -36,7 +37,7 @@ from cineray.pipelines.training import make_task, spec_for
 from cineray.pipelines.weights import save_component
 from cineray.storage import Storage
 
-__all__ = ["TrainConfig", "DataConfig", "train", "export"]
+__all__ = ["TrainConfig", "DataConfig", "train", "export", "average"]
 
 
 def _spec(cfg):
@@ -118,6 +119,13 @@ def export(cfg, run: str, out: str, dtype: str = "fp32") -> str:
     if "://" not in out:
         out = os.path.abspath(out)
     return train_io.export(storage, run, out, dtype)
+
+
+def average(cfg, folders: list[str], out: str) -> str:
+    """Write the mean of several exported folders (EMA and raw weights) to ``out``."""
+    storage = Storage(cfg.storage)
+    local = [os.path.abspath(f) if "://" not in f else f for f in folders]
+    return train_io.average(storage, local, out if "://" in out else os.path.abspath(out))
 
 
 # Worker ------------------------------------------------------------------------------------------
@@ -341,6 +349,14 @@ def main(argv: list[str]) -> int:
         p.add_argument("overrides", nargs="*", help="key=value config overrides")
         a = p.parse_args(argv[1:])
         print(export(load_config(a.config, a.overrides), a.run, a.out, a.dtype))
+        return 0
+    if argv[:1] == ["average"]:
+        p = argparse.ArgumentParser(prog="python -m cineray.jobs.train average")
+        p.add_argument("--out", required=True, help="output folder (local or s3://)")
+        p.add_argument("--config", default="tiny")
+        p.add_argument("folders", nargs="+", help="two exported folders or more")
+        a = p.parse_args(argv[1:])
+        print(average(load_config(a.config, []), a.folders, a.out))
         return 0
     p = argparse.ArgumentParser(prog="python -m cineray.jobs.train")
     p.add_argument("--config", default="tiny", help="preset name or .yaml path")

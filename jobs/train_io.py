@@ -9,7 +9,8 @@ Layout under ``<storage_path>/<run_name>/`` (local or s3://):
         export/raw/           raw weights, same format
     metrics.jsonl, loss.png   progress, refreshed at every report
 
-``export`` copies a checkpoint's ``export/`` folder out, so serving never needs DeepSpeed.
+``export`` copies a checkpoint's ``export/`` folder out, so serving never needs DeepSpeed;
+``average`` writes the mean of several such exports.
 """
 
 from __future__ import annotations
@@ -97,6 +98,45 @@ def export(storage: Storage, run_or_checkpoint: str, out: str, dtype: str = "fp3
             if dtype == "bf16" and name == "model.safetensors":
                 data = _to_bf16(data)
             storage.write_bytes(storage.join(out, sub, name), data)
+    return storage.resolve(out)
+
+
+def average(storage: Storage, folders: list[str], out: str) -> str:
+    """Write the element-wise mean of several exports of one component (a model soup, Wortsman
+    et al. 2022) to ``out``: EMA weights, and raw weights where every export has them. Means are
+    taken in fp32 and stored in the first export's dtypes; integer buffers must agree. Returns
+    ``out``."""
+    from safetensors.torch import load as load_bytes
+    from safetensors.torch import save as save_bytes
+
+    if len(folders) < 2:
+        raise ValueError(f"average needs two exports or more, got {len(folders)}")
+    infos = [json.loads(storage.read_bytes(storage.join(f, "config.json"))) for f in folders]
+    for f, info in zip(folders[1:], infos[1:], strict=True):
+        for key in ("component", "config"):
+            if info.get(key) != infos[0].get(key):
+                raise ValueError(f"{f} has another {key} than {folders[0]}; only exports of one "
+                                 "component with one config can be averaged")
+    subs = [""]
+    if all(storage.exists(storage.join(f, "raw", "model.safetensors")) for f in folders):
+        subs.append("raw")
+    for sub in subs:
+        sds = [load_bytes(storage.read_bytes(storage.join(f, sub, "model.safetensors")))
+               for f in folders]
+        mean = {}
+        for k, v in sds[0].items():
+            if any(k not in sd or sd[k].shape != v.shape for sd in sds[1:]):
+                raise ValueError(f"tensor {k!r} is missing or shaped otherwise in another export")
+            if v.is_floating_point():
+                mean[k] = (sum(sd[k].float() for sd in sds) / len(sds)).to(v.dtype)
+            elif all(torch.equal(sd[k], v) for sd in sds[1:]):
+                mean[k] = v
+            else:
+                raise ValueError(f"integer tensor {k!r} differs between the exports")
+        info = {**infos[0], "meta": {"average_of": [i.get("meta", {}) for i in infos]}}
+        storage.write_bytes(storage.join(out, sub, "model.safetensors"), save_bytes(mean))
+        storage.write_bytes(storage.join(out, sub, "config.json"),
+                            json.dumps(info, indent=2).encode())
     return storage.resolve(out)
 
 

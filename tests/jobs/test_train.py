@@ -204,3 +204,39 @@ def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkey
     s3 = load_config("tiny", ["storage.root=s3://bucket/x", "train.init_from=runs/a/export"])
     assert _absolute_paths(s3).storage.root == "s3://bucket/x"
     assert _absolute_paths(s3).train.init_from == "runs/a/export"  # not a local folder: unchanged
+
+
+def test_average_writes_the_mean_of_exports_and_refuses_mismatched_ones(local_storage, tmp_path):
+    from safetensors.torch import save_file
+
+    def export_dir(name, w, raw_w, hidden=8):
+        for sub, value in (("", w), ("raw", raw_w)):
+            if value is None:
+                continue
+            d = tmp_path / name / sub
+            d.mkdir(parents=True, exist_ok=True)
+            save_file({"w": torch.full((2, 3), value, dtype=torch.bfloat16),
+                       "n": torch.tensor([4])}, str(d / "model.safetensors"))
+            (d / "config.json").write_text(json.dumps(
+                {"component": "denoiser", "config": {"hidden": hidden}, "meta": {"step": name}}))
+        return str(tmp_path / name)
+
+    a, b = export_dir("a", 1.0, 0.0), export_dir("b", 3.0, 2.0)
+    out = train_io.average(local_storage, [a, b], str(tmp_path / "soup"))
+    ema, raw = load_file(f"{out}/model.safetensors"), load_file(f"{out}/raw/model.safetensors")
+    assert ema["w"].dtype == torch.bfloat16
+    assert torch.equal(ema["w"].float(), torch.full((2, 3), 2.0))
+    assert torch.equal(raw["w"].float(), torch.ones(2, 3))
+    assert torch.equal(ema["n"], torch.tensor([4]))
+    info = json.loads((tmp_path / "soup" / "config.json").read_text())
+    assert info["component"] == "denoiser"
+    assert info["meta"] == {"average_of": [{"step": "a"}, {"step": "b"}]}
+
+    no_raw = train_io.average(local_storage, [a, export_dir("c", 5.0, None)], str(tmp_path / "s2"))
+    assert load_file(f"{no_raw}/model.safetensors")["w"].float().mean() == 3.0
+    assert not os.path.exists(f"{no_raw}/raw")  # raw weights only where every export has them
+    with pytest.raises(ValueError, match="another config"):
+        d = export_dir("d", 1.0, 1.0, hidden=16)
+        train_io.average(local_storage, [a, d], str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="two exports or more"):
+        train_io.average(local_storage, [a], str(tmp_path / "x"))
