@@ -116,16 +116,18 @@ def export(cfg, run: str, out: str, dtype: str = "fp32") -> str:
     storage = Storage(cfg.storage)
     if "/" not in run and "://" not in run:
         run = storage.join(cfg.train.storage_path, run)
-    if "://" not in out:
-        out = os.path.abspath(out)
-    return train_io.export(storage, run, out, dtype)
+    return train_io.export(storage, run, _from_cwd(out), dtype)
 
 
 def average(cfg, folders: list[str], out: str) -> str:
     """Write the mean of several exported folders (EMA and raw weights) to ``out``."""
-    storage = Storage(cfg.storage)
-    local = [os.path.abspath(f) if "://" not in f else f for f in folders]
-    return train_io.average(storage, local, out if "://" in out else os.path.abspath(out))
+    return train_io.average(Storage(cfg.storage), [_from_cwd(f) for f in folders], _from_cwd(out))
+
+
+def _from_cwd(path: str) -> str:
+    """A local path as typed on the command line (relative to the working directory, where
+    Storage would put it under its root); URIs unchanged."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 # Worker ------------------------------------------------------------------------------------------
