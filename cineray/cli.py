@@ -175,6 +175,9 @@ def render(
     upscale: Annotated[str, typer.Option(help="none | spatial | full (x2 size, x2 fps).")] = "none",
     steps: Annotated[int | None, typer.Option(help="Sampler steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
+    camera_guidance: Annotated[float | None, typer.Option(
+        help="Push the asked camera motion further from a still camera (0 = off; default: the "
+             "checkpoint's sampler.json).")] = None,
     sampler: Annotated[str | None, typer.Option(help="euler | heun.")] = None,
     width: Annotated[int, typer.Option(help="Base width in pixels.")] = 32,
     height: Annotated[int, typer.Option(help="Base height in pixels.")] = 32,
@@ -204,7 +207,8 @@ def render(
         prompt=prompt, negative_prompt=negative_prompt, seed=seed, frames=frames, fps=fps,
         width=width, height=height, camera=camera, camera_speed=camera_speed,
         focal_length_mm=focal_length, guidance=guidance, steps=steps, sampler=sampler,
-        image=picture, upscale=upscale, hold_background=hold_background)
+        image=picture, upscale=upscale, hold_background=hold_background,
+        camera_guidance=camera_guidance)
     if checkpoint and not os.path.isdir(checkpoint):
         raise FileNotFoundError(f"--checkpoint {checkpoint!r} is not a folder; give the folder "
                                 f"holding vae/, denoiser/, upscaler_spatial/, upscaler_temporal/")

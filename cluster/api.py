@@ -2,7 +2,7 @@
 
 POST /v1/videos takes OpenAI Videos API fields (prompt, model, size "WxH", seconds,
 input_reference) plus cineray's own (frames, fps, negative_prompt, seed, guidance, steps,
-sampler, camera {motion, speed, focal_length_mm, hold_background}, upscale, n, callback_url).
+sampler, camera {motion, speed, focal_length_mm, hold_background, guidance}, upscale, n, callback_url).
 Every error is JSON: {"error": {"message", "type", "param", "code"}}; `param` names the field
 ("size", "camera.motion") so a client can point at it.
 """
@@ -42,6 +42,8 @@ class Camera(BaseModel):
     focal_length_mm: float = Field(50.0, gt=0)
     hold_background: bool = Field(True, description="With motion 'static': hold the "
                                   "background still.")
+    guidance: float | None = Field(None, ge=0, le=20, description="Camera guidance: push the "
+                                   "asked motion further from a still camera (0 = off).")
 
 
 class VideoRequest(BaseModel):
@@ -117,7 +119,8 @@ def parse_request(data: dict) -> VideoRequest:
 # Field of a GenerationRequest error message -> the API field it came from.
 _PARAMS = {"camera": "camera.motion", "camera_speed": "camera.speed",
            "focal_length_mm": "camera.focal_length_mm",
-           "hold_background": "camera.hold_background", "width": "size", "height": "size",
+           "hold_background": "camera.hold_background",
+           "camera_guidance": "camera.guidance", "width": "size", "height": "size",
            "image": "input_reference", "frames": "frames", "fps": "fps", "seed": "seed",
            "steps": "steps", "guidance": "guidance", "sampler": "sampler", "upscale": "upscale",
            "prompt": "prompt", "negative_prompt": "negative_prompt"}
@@ -170,7 +173,8 @@ def generation_request(record: dict, image=None):
         seed=record["seed"], frames=record["frames"], fps=record["fps"],
         width=record["width"], height=record["height"], camera=cam.get("motion"),
         camera_speed=cam.get("speed"), focal_length_mm=cam.get("focal_length_mm", 50.0),
-        hold_background=cam.get("hold_background", True), guidance=record.get("guidance"),
+        hold_background=cam.get("hold_background", True), camera_guidance=cam.get("guidance"),
+        guidance=record.get("guidance"),
         steps=record.get("steps"), sampler=record.get("sampler"), image=image,
         upscale=record.get("upscale", "none"))
 

@@ -103,7 +103,8 @@ def request_body(request) -> dict:
             "size": f"{request.width}x{request.height}", "upscale": request.upscale,
             "camera": {"motion": request.camera, "speed": request.camera_speed,
                        "focal_length_mm": request.focal_length_mm,
-                       "hold_background": request.hold_background}}
+                       "hold_background": request.hold_background,
+                       "guidance": request.camera_guidance}}
     for name in ("guidance", "steps", "sampler"):
         if getattr(request, name) is not None:
             body[name] = getattr(request, name)

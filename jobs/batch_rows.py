@@ -2,8 +2,8 @@
 
 Input: Parquet or JSON Lines, one clip per row. `prompt` is required; every other field is
 optional (missing or null: the default): id, seed, frames, fps, camera, camera_speed,
-focal_length_mm, hold_background, negative_prompt, image (URI of a PNG/JPEG first frame),
-upscale, steps, guidance, sampler. A row that cannot be rendered is reported in the manifest
+focal_length_mm, hold_background, camera_guidance, negative_prompt, image (URI of a PNG/JPEG
+first frame), upscale, steps, guidance, sampler. A row that cannot be rendered is reported in the manifest
 (status "failed" and the reason, naming the field), never fatal to the job.
 
 Row ids: the `id` column when given (letters, digits, '.', '_', '-'; unique), else the row's
@@ -31,7 +31,8 @@ from cineray.pipelines.stages import GenerationRequest, derive_seed, load_image
 from cineray.storage import Storage
 
 FIELDS = ("prompt", "seed", "frames", "fps", "camera", "camera_speed", "focal_length_mm",
-          "hold_background", "negative_prompt", "image", "upscale", "steps", "guidance", "sampler")
+          "hold_background", "camera_guidance", "negative_prompt", "image", "upscale", "steps",
+          "guidance", "sampler")
 INT_FIELDS = ("seed", "frames", "steps")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 STATUSES = ("pending", "done", "blocked", "failed")

@@ -11,11 +11,12 @@ velocity for sampling: v = (x_t - x0) / t.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from cineray.models.dit import Conditioning
+from cineray.world import CAMERAS
 
 
 @dataclass
@@ -36,13 +37,19 @@ class SamplerConfig:
     # Guidance only for t in [lo, hi] (Kynkaenniemi et al. 2024); outside it, the conditional
     # prediction alone (one model call a step instead of two).
     guidance_interval: tuple[float, float] = (0.0, 1.0)
+    # Camera guidance (guided_velocity): v += camera_guidance (v_c - v_still) for t in
+    # camera_interval, on clips asking for a moving camera (one more model call a step for
+    # those). 0 = off.
+    camera_guidance: float = 0.0
+    camera_interval: tuple[float, float] = (0.0, 1.0)
 
     def __post_init__(self):
-        lo, hi = (float(v) for v in self.guidance_interval)
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"guidance_interval must be [lo, hi] with 0 <= lo <= hi <= 1, "
-                             f"got {list(self.guidance_interval)!r}")
-        self.guidance_interval = (lo, hi)
+        for name in ("guidance_interval", "camera_interval"):
+            lo, hi = (float(v) for v in getattr(self, name))
+            if not 0.0 <= lo <= hi <= 1.0:
+                raise ValueError(f"{name} must be [lo, hi] with 0 <= lo <= hi <= 1, "
+                                 f"got {list(getattr(self, name))!r}")
+            setattr(self, name, (lo, hi))
 
 
 class RectifiedFlow:
@@ -138,20 +145,51 @@ def make_sampler(method: str):
     return SAMPLERS[method]()
 
 
+def still_camera(cond: Conditioning, static: int) -> Conditioning:
+    """cond with the camera label `static` (its index) and speed 0 on every clip."""
+    params = cond.camera_params.clone()
+    params[:, 0] = 0.0
+    return replace(cond, camera=torch.full_like(cond.camera, static), camera_params=params)
+
+
 def guided_velocity(model, flow: RectifiedFlow, cond: Conditioning, uncond: Conditioning | None,
-                    guidance: float, interval: tuple[float, float] = (0.0, 1.0)) -> VelocityFn:
+                    cfg: SamplerConfig) -> VelocityFn:
     """Classifier-free guidance (Ho & Salimans 2022) with the negative prompt in `uncond`:
-    v = v_u + g (v_c - v_u) at noise levels t in `interval`, the conditional prediction alone
-    elsewhere. Scale 1 (or no uncond) is exactly the conditional prediction. Both halves run as
-    one batch."""
+    v = v_u + g (v_c - v_u) at noise levels t in cfg.guidance_interval, the conditional
+    prediction alone elsewhere. Scale 1 (or no uncond) is exactly the conditional prediction.
+
+    Camera guidance adds cfg.camera_guidance (v_c - v_s) for t in cfg.camera_interval, where v_s
+    is the prediction for the same prompt with a still camera (label "static", speed 0): it
+    extrapolates the difference the camera label makes, for a denoiser that moves a zooming
+    background less than asked. Rows that ask for a still camera skip it (the term is 0), and so
+    do rows that leave the camera to the prompt. Every branch of a step runs as one batch."""
+    lo, hi = cfg.guidance_interval
+    c_lo, c_hi = cfg.camera_interval
+    static = CAMERAS.index("static")
+    moving = (cond.camera != static) & (cond.camera < len(CAMERAS))  # len: unspecified
+    rows = moving.nonzero().flatten()
+    still = still_camera(cond.select(rows), static) if len(rows) else None
 
     def v_fn(x: torch.Tensor, t: float) -> torch.Tensor:
-        tt = torch.full((x.shape[0],), float(t), device=x.device)
-        if uncond is None or guidance == 1.0 or not interval[0] <= t <= interval[1]:
-            return flow.velocity(model(x, tt, cond), x, tt)
-        both = model(torch.cat([x, x]), torch.cat([tt, tt]), Conditioning.cat([cond, uncond]))
-        v_c, v_u = flow.velocity(both, torch.cat([x, x]), torch.cat([tt, tt])).chunk(2)
-        return v_u + guidance * (v_c - v_u)
+        guided = uncond is not None and cfg.guidance != 1.0 and lo <= t <= hi
+        steer = still is not None and cfg.camera_guidance != 0.0 and c_lo <= t <= c_hi
+        xs, conds = [x], [cond]
+        if guided:
+            xs, conds = xs + [x], conds + [uncond]
+        if steer:
+            xs, conds = xs + [x[rows]], conds + [still]
+        xx = torch.cat(xs)
+        tt = torch.full((xx.shape[0],), float(t), device=x.device)
+        v = flow.velocity(model(xx, tt, Conditioning.cat(conds)), xx, tt)
+        b = x.shape[0]
+        v_c, out = v[:b], v[:b]
+        if guided:
+            v_u = v[b : 2 * b]
+            out = v_u + cfg.guidance * (v_c - v_u)
+        if steer:
+            out = out.clone()
+            out[rows] += cfg.camera_guidance * (v_c[rows] - v[-len(rows):])
+        return out
 
     return v_fn
 
@@ -181,7 +219,7 @@ class SamplingRun:
         c = shape[1]
         self.known, self.exact = cond.frames[:, :c], cond.frames[:, c : c + 1]
         self.flow, self.sampler = flow, make_sampler(cfg.method)
-        self.v_fn = guided_velocity(model, flow, cond, uncond, cfg.guidance, cfg.guidance_interval)
+        self.v_fn = guided_velocity(model, flow, cond, uncond, cfg)
         self.ts = timesteps(cfg.steps, cfg.shift).tolist()
 
     def start(self) -> torch.Tensor:
@@ -218,7 +256,7 @@ def resample(model, flow: RectifiedFlow, cfg: SamplerConfig, x0: torch.Tensor, c
     noise = torch.randn(x0.shape, generator=generator).to(x0.device)
     ts = [t0] + [t for t in timesteps(cfg.steps, cfg.shift).tolist() if t < t0]
     x = flow.add_noise(x0, noise, torch.full((x0.shape[0],), t0, device=x0.device))
-    v_fn = guided_velocity(model, flow, cond, uncond, cfg.guidance, cfg.guidance_interval)
+    v_fn = guided_velocity(model, flow, cond, uncond, cfg)
     sampler = make_sampler(cfg.method)
     for a, b in zip(ts[:-1], ts[1:], strict=True):
         x = sampler.step(v_fn, x, a, b)

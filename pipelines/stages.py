@@ -55,6 +55,7 @@ class GenerationRequest:
     camera_speed: float | None = None  # None: DEFAULT_CAMERA_SPEED for a moving camera, else 0
     focal_length_mm: float = 50.0
     guidance: float | None = None  # None: the components' sampler defaults
+    camera_guidance: float | None = None  # None: the sampler's (flow.SamplerConfig); 0 = off
     steps: int | None = None
     sampler: str | None = None  # "euler" | "heun"
     image: np.ndarray | None = None  # uint8 (height, width, 3): image-to-video first frame
@@ -83,6 +84,9 @@ class GenerationRequest:
                 self.focal_length_mm, "a number > 0 (e.g. 50)")
         _expect(self.guidance is None or (_is_num(self.guidance) and self.guidance >= 0),
                 "guidance", self.guidance, "a number >= 0 (1 = no guidance)")
+        _expect(self.camera_guidance is None
+                or (_is_num(self.camera_guidance) and self.camera_guidance >= 0),
+                "camera_guidance", self.camera_guidance, "a number >= 0 (0 = off)")
         _expect(self.steps is None or (_is_int(self.steps) and self.steps >= 1), "steps",
                 self.steps, "an integer >= 1")
         _expect(self.sampler is None or self.sampler in SAMPLERS, "sampler", self.sampler,
@@ -240,6 +244,8 @@ def sampler_config(components: Components, request: GenerationRequest) -> Sample
     s = components.sampler
     return replace(s, method=request.sampler or s.method, steps=request.steps or s.steps,
                    guidance=s.guidance if request.guidance is None else float(request.guidance),
+                   camera_guidance=(s.camera_guidance if request.camera_guidance is None
+                                    else float(request.camera_guidance)),
                    negative_prompt=request.negative_prompt)
 
 

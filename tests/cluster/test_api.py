@@ -24,6 +24,19 @@ def test_openai_shaped_request_maps_to_a_generation_request():
     still = parse_request({"prompt": "a ball", "camera": {"motion": "static",
                                                           "hold_background": False}})
     assert not api.generation_request(api.to_record(still, seed=1)).hold_background
+    assert gen.camera_guidance is None  # the checkpoint's sampler.json decides
+    zoom = parse_request({"prompt": "a ball", "camera": {"motion": "zoom_out", "guidance": 1.5}})
+    assert api.generation_request(api.to_record(zoom, seed=1)).camera_guidance == 1.5
+
+
+def test_a_cli_request_crosses_the_http_body_unchanged():
+    from cineray.cluster.local import request_body
+    from cineray.pipelines.stages import GenerationRequest
+
+    sent = GenerationRequest("a ball", seed=3, camera="zoom_out", camera_speed=0.1,
+                             camera_guidance=1.5, guidance=2.0, steps=12, hold_background=False)
+    got = api.generation_request(api.to_record(parse_request(request_body(sent)), seed=3))
+    assert vars(got) == vars(sent)
 
 
 @pytest.mark.parametrize("body, param", [
@@ -32,6 +45,7 @@ def test_openai_shaped_request_maps_to_a_generation_request():
     ({"prompt": "a ball", "camera": {"speed": -1}}, "camera.speed"),
     ({"prompt": "a ball", "camera": "{not json"}, "camera"),
     ({"prompt": "a ball", "camera": {"hold_background": "maybe"}}, "camera.hold_background"),
+    ({"prompt": "a ball", "camera": {"guidance": -1}}, "camera.guidance"),
     ({"prompt": "a ball", "upscale": "4k"}, "upscale"),
     ({"prompt": "a ball", "model": "sora-2"}, "model"),
     ({"size": "32x32"}, "prompt"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from cineray.models.dit import Conditioning
 from cineray.pipelines.conditioning import build_conditioning
 from cineray.pipelines.flow import SamplerConfig, guided_velocity, resample, sample, timesteps
 from cineray.pipelines.generate import Timer, check_request, extend, upscale_stream
@@ -30,10 +31,10 @@ from cineray.pipelines.windows import plan_windows
 REQ = GenerationRequest("a red circle falling", negative_prompt="blurry", camera="pan_left")
 
 
-def _conds(components, request=REQ, t_lat=5):
+def _conds(components, request=REQ, t_lat=5, speed=0.15):
     text = encode_text(components, request)
     frames = torch.zeros(1, 10, t_lat, 8, 8)
-    labels = ([request.camera], [0.15], [50.0], [8.0])
+    labels = ([request.camera], [speed], [50.0], [8.0])
     return (build_conditioning(text.cond, *labels, frames),
             build_conditioning(text.uncond, *labels, frames))
 
@@ -46,8 +47,8 @@ def test_cfg_scale_1_equals_the_conditional_prediction(components):
     with torch.no_grad():
         v_c = flow.velocity(model(x, tt, cond), x, tt)
         v_u = flow.velocity(model(x, tt, uncond), x, tt)
-        assert torch.equal(guided_velocity(model, flow, cond, uncond, 1.0)(x, 0.7), v_c)
-        v_3 = guided_velocity(model, flow, cond, uncond, 3.0)(x, 0.7)
+        assert torch.equal(guided_velocity(model, flow, cond, uncond, SamplerConfig(guidance=1.0))(x, 0.7), v_c)
+        v_3 = guided_velocity(model, flow, cond, uncond, SamplerConfig(guidance=3.0))(x, 0.7)
     assert not torch.allclose(v_c, v_u)  # the negative prompt moves the prediction
     torch.testing.assert_close(v_3, v_u + 3.0 * (v_c - v_u), rtol=1e-4, atol=1e-4)
 
@@ -56,9 +57,10 @@ def test_guidance_applies_only_inside_its_interval(components):
     model, flow = components.denoiser, components.flow
     cond, uncond = _conds(components)
     x = torch.randn(1, 8, 5, 8, 8, generator=torch.Generator().manual_seed(1))
-    plain = guided_velocity(model, flow, cond, None, 1.0)
-    full = guided_velocity(model, flow, cond, uncond, 3.0)
-    limited = guided_velocity(model, flow, cond, uncond, 3.0, (0.3, 0.8))
+    plain = guided_velocity(model, flow, cond, None, SamplerConfig(guidance=1.0))
+    full = guided_velocity(model, flow, cond, uncond, SamplerConfig(guidance=3.0))
+    limited = guided_velocity(model, flow, cond, uncond,
+                              SamplerConfig(guidance=3.0, guidance_interval=(0.3, 0.8)))
     with torch.no_grad():
         assert torch.equal(limited(x, 0.5), full(x, 0.5))
         for t in (0.1, 0.9):
@@ -66,6 +68,35 @@ def test_guidance_applies_only_inside_its_interval(components):
             assert not torch.allclose(full(x, t), plain(x, t))
     with pytest.raises(ValueError, match="guidance_interval"):
         SamplerConfig(guidance_interval=(0.6, 0.2))
+
+
+def test_camera_guidance_extrapolates_from_a_still_camera_only_where_one_moves(components):
+    model, flow = components.denoiser, components.flow
+    moving, uncond = _conds(components)  # pan_left
+    still, _ = _conds(components, replace(REQ, camera="static"), speed=0.0)
+    free, _ = _conds(components, replace(REQ, camera=None), speed=0.0)
+    x = torch.randn(1, 8, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    tt = torch.full((1,), 0.5)
+    cfg = SamplerConfig(guidance=3.0, camera_guidance=2.0, camera_interval=(0.3, 0.8))
+    with torch.no_grad():
+        v_s = flow.velocity(model(x, tt, still), x, tt)
+        v_c = flow.velocity(model(x, tt, moving), x, tt)
+        base = guided_velocity(model, flow, moving, uncond, replace(cfg, camera_guidance=0.0))
+        steered = guided_velocity(model, flow, moving, uncond, cfg)
+        torch.testing.assert_close(steered(x, 0.5), base(x, 0.5) + 2.0 * (v_c - v_s),
+                                   rtol=1e-4, atol=1e-4)
+        assert torch.equal(steered(x, 0.9), base(x, 0.9))  # outside camera_interval
+        for c in (still, free):  # nothing to steer: the same as without camera guidance
+            no = guided_velocity(model, flow, c, uncond, replace(cfg, camera_guidance=0.0))
+            assert torch.equal(guided_velocity(model, flow, c, uncond, cfg)(x, 0.5), no(x, 0.5))
+        # a batch mixing both: each row as it would be alone
+        both, un2 = Conditioning.cat([moving, still]), Conditioning.cat([uncond, uncond])
+        out = guided_velocity(model, flow, both, un2, cfg)(torch.cat([x, x]), 0.5)
+        torch.testing.assert_close(out[:1], steered(x, 0.5), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[1:], guided_velocity(model, flow, still, uncond, cfg)(x, 0.5),
+                                   rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="camera_interval"):
+        SamplerConfig(camera_interval=(0.9, 0.1))
 
 
 class _Oracle(torch.nn.Module):
