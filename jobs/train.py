@@ -356,9 +356,11 @@ def main(argv: list[str]) -> int:
         p = argparse.ArgumentParser(prog="python -m cineray.jobs.train average")
         p.add_argument("--out", required=True, help="output folder (local or s3://)")
         p.add_argument("--config", default="tiny")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="config override, e.g. storage.endpoint_url=...")
         p.add_argument("folders", nargs="+", help="two exported folders or more")
         a = p.parse_args(argv[1:])
-        print(average(load_config(a.config, []), a.folders, a.out))
+        print(average(load_config(a.config, a.overrides), a.folders, a.out))
         return 0
     p = argparse.ArgumentParser(prog="python -m cineray.jobs.train")
     p.add_argument("--config", default="tiny", help="preset name or .yaml path")

@@ -240,3 +240,13 @@ def test_average_writes_the_mean_of_exports_and_refuses_mismatched_ones(local_st
         train_io.average(local_storage, [a, d], str(tmp_path / "x"))
     with pytest.raises(ValueError, match="two exports or more"):
         train_io.average(local_storage, [a], str(tmp_path / "x"))
+
+    # the command line, with config overrides (e.g. an S3 endpoint) after --set
+    from cineray.errors import ConfigError
+    from cineray.jobs.train import main
+
+    assert main(["average", "--set", "storage.region=eu-west-1", "--out", str(tmp_path / "cli"),
+                 a, b]) == 0
+    assert torch.equal(load_file(f"{tmp_path}/cli/model.safetensors")["w"], ema["w"])
+    with pytest.raises(ConfigError, match="storage.nope"):
+        main(["average", "--set", "storage.nope=1", "--out", str(tmp_path / "y"), a, b])
