@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -33,7 +34,7 @@ from cineray.cluster.deepspeed_setup import (
 from cineray.jobs import train_io
 from cineray.jobs.data import ClipBatcher, Renditions, WorkerStream, build_dataset
 from cineray.jobs.train_config import DataConfig, TrainConfig
-from cineray.pipelines.training import make_task, spec_for
+from cineray.pipelines.training import make_task, native_bf16, spec_for
 from cineray.pipelines.weights import save_component
 from cineray.storage import Storage
 
@@ -139,6 +140,10 @@ def _worker(args: dict) -> None:
     cfg = args["cfg"]
     tc: TrainConfig = cfg.train
     torch.set_num_threads(tc.threads_per_worker)
+    if tc.precision == "bf16" and not native_bf16("cuda" if torch.cuda.is_available() else "cpu"):
+        warnings.warn("train.precision=bf16 on a CPU without native bf16 (AVX512-BF16 or AMX): "
+                      "torch emulates it, hundreds of times slower than fp32; set "
+                      "train.precision=fp32", stacklevel=1)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     storage = Storage(cfg.storage)

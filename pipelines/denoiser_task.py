@@ -22,7 +22,7 @@ from cineray.pipelines.conditioning import (
 )
 from cineray.pipelines.flow import RectifiedFlow, resample, timesteps
 from cineray.pipelines.paraphrase import Paraphrase
-from cineray.pipelines.training import DataSpec, TaskConfig, to_video
+from cineray.pipelines.training import DataSpec, TaskConfig, native_bf16, to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component
 from cineray.world import _WORDS, WorldConfig, captions, sample_scene
 
@@ -178,7 +178,8 @@ class DenoiserTask:
             i for i, n in enumerate(names) if n not in self.latent_cache]
         fresh = {}
         if todo:
-            with torch.autocast(x.device.type, torch.bfloat16, enabled=self.task.encode_bf16):
+            bf16 = self.task.encode_bf16 and native_bf16(x.device.type)
+            with torch.autocast(x.device.type, torch.bfloat16, enabled=bf16):
                 z, k = self.vae.encode(x[todo]).float(), keyframe_latents(self.vae, x[todo]).float()
             fresh = {i: (z[j], k[j]) for j, i in enumerate(todo)}
             if names is None:
