@@ -2,7 +2,8 @@
 
 POST /v1/videos takes OpenAI Videos API fields (prompt, model, size "WxH", seconds,
 input_reference) plus cineray's own (frames, fps, negative_prompt, seed, guidance, steps,
-sampler, camera {motion, speed, focal_length_mm, hold_background, guidance}, upscale, n, callback_url).
+sampler, camera {motion, speed, focal_length_mm, hold_background, guidance}, upscale, n,
+callback_url).
 Every error is JSON: {"error": {"message", "type", "param", "code"}}; `param` names the field
 ("size", "camera.motion") so a client can point at it.
 """

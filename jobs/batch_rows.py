@@ -3,8 +3,8 @@
 Input: Parquet or JSON Lines, one clip per row. `prompt` is required; every other field is
 optional (missing or null: the default): id, seed, frames, fps, camera, camera_speed,
 focal_length_mm, hold_background, camera_guidance, negative_prompt, image (URI of a PNG/JPEG
-first frame), upscale, steps, guidance, sampler. A row that cannot be rendered is reported in the manifest
-(status "failed" and the reason, naming the field), never fatal to the job.
+first frame), upscale, steps, guidance, sampler. A row that cannot be rendered is reported in
+the manifest (status "failed" and the reason, naming the field), never fatal to the job.
 
 Row ids: the `id` column when given (letters, digits, '.', '_', '-'; unique), else the row's
 position in the file ("r000042"). The output key of a row is videos/<row_id>-<digest>.mp4, the
