@@ -131,9 +131,9 @@ class DenoiserTask:
         if any(not 0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1.0:
             raise ValueError(f"caption shares must each lie in [0, 1] and sum to at most 1, got "
                              f"{shares}")
-        if task.latent_temporal_weight < 0:
-            raise ValueError(f"task.latent_temporal_weight must be >= 0, got "
-                             f"{task.latent_temporal_weight}")
+        for key in ("latent_temporal_weight", "latent_motion_weight"):
+            if getattr(task, key) < 0:
+                raise ValueError(f"task.{key} must be >= 0, got {getattr(task, key)}")
         # (clip_id, crop start) -> (latents, keyframe latents) in float16, see latents()
         self.latent_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -197,7 +197,8 @@ class DenoiserTask:
         frames, exact = training_frames(z, keys, self.task, self.gen)
         cond = self.conditioning(batch, frames)
         loss, temporal = self.flow.loss(model, z, cond, weight=1 - exact, generator=self.gen,
-                                        temporal_weight=self.task.latent_temporal_weight)
+                                        temporal_weight=self.task.latent_temporal_weight,
+                                        motion_weight=self.task.latent_motion_weight)
         return loss, {"temporal": temporal.item()}
 
 

@@ -79,7 +79,8 @@ class RectifiedFlow:
         return (x_t - pred) / t
 
     def loss(self, model, x0: torch.Tensor, cond: Conditioning, weight: torch.Tensor | None = None,
-             generator: torch.Generator | None = None, temporal_weight: float = 0.0):
+             generator: torch.Generator | None = None, temporal_weight: float = 0.0,
+             motion_weight: float = 0.0):
         """Mean squared error of the prediction target, plus temporal_weight times that of the
         clean-latent estimate's frame-to-frame change. x0: (B, C, T, H, W) clean latents;
         weight: (B, 1, T, 1, 1) or broadcastable to it (e.g. 0 on frames given exactly).
@@ -89,15 +90,17 @@ class RectifiedFlow:
         frame cost no more than errors shared by neighbouring frames; decoded, the former are an
         outline that wobbles and a still background that shimmers. The temporal term charges
         them directly (given frames count at their true value, and a pair counts when either
-        of its frames is generated)."""
+        of its frames is generated). motion_weight > 0 scales the plain loss by
+        motion_map(x0, motion_weight): the positions where the clip moves count more."""
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         t = self.sample_t(x0.shape[0], generator).to(x0.device)
         x_t = self.add_noise(x0, noise, t)
         pred = model(x_t, t, cond).float()
         target = x0 if self.prediction == "x" else noise - x0
         w = torch.ones_like(x0[:, :1]) if weight is None else weight.expand_as(x0[:, :1])
-        err = (pred - target) ** 2 * w
-        loss = err.sum() / (w.sum() * x0.shape[1]).clamp_min(1.0)
+        wm = w * motion_map(x0, motion_weight) if motion_weight > 0 else w
+        err = (pred - target) ** 2 * wm
+        loss = err.sum() / (wm.sum() * x0.shape[1]).clamp_min(1.0)
         if x0.shape[2] < 2:
             return loss, torch.zeros(())
         est = pred if self.prediction == "x" else x_t - t.view(-1, 1, 1, 1, 1) * pred
@@ -106,6 +109,26 @@ class RectifiedFlow:
         derr = (est.diff(dim=2) - x0.diff(dim=2)) ** 2 * pair
         temporal = derr.sum() / (pair.sum() * x0.shape[1]).clamp_min(1.0)
         return loss + temporal_weight * temporal, temporal.detach()
+
+
+def motion_map(x0: torch.Tensor, strength: float, cap: float = 5.0) -> torch.Tensor:
+    """(B, 1, T, H, W) loss weights 1 + strength * min(m / mean(m), cap) for clean latents x0
+    (B, C, T, H, W), m the larger of a position's mean absolute change (over channels) to the
+    frame before and after it, the mean taken over each clip.
+
+    Most of a clip's latent positions do not change, so a per-position loss spends most of its
+    weight on a still background; the errors that show are where something moves: a moving
+    object's outline (its area wobbles) and, when the camera moves, the whole background (a slow
+    zoom comes out as a still camera). Normalising per clip gives both their share, whatever
+    the clip's overall amount of motion; the cap keeps a clip with one moving position sane."""
+    if x0.shape[2] < 2:
+        return torch.ones_like(x0[:, :1])
+    d = x0.diff(dim=2).abs().mean(1, keepdim=True)
+    m = torch.zeros_like(x0[:, :1])
+    m[:, :, 1:] = d
+    m[:, :, :-1] = torch.maximum(m[:, :, :-1], d)
+    m = m / m.mean(dim=(2, 3, 4), keepdim=True).clamp_min(1e-6)
+    return 1 + strength * m.clamp_max(cap)
 
 
 def timesteps(steps: int, shift: float = 1.0) -> torch.Tensor:

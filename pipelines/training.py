@@ -66,6 +66,9 @@ class TaskConfig:
     # Denoiser: weight of the squared error of the clean-latent estimate's frame-to-frame
     # change (RectifiedFlow.loss), which charges errors that differ between neighbouring frames.
     latent_temporal_weight: float = 0.0
+    # Denoiser: extra loss weight where the clean latents change from frame to frame
+    # (flow.motion_map): a moving object's outline and a moving camera's background.
+    latent_motion_weight: float = 0.0
     caption_dropout: float = 0.1  # train the unconditional branch for classifier-free guidance
     camera_dropout: float = 0.2  # "unspecified" camera: the prompt alone must carry it
     # Captions whose colour and shape words are swapped for words the world never uses (see

@@ -11,7 +11,14 @@ import torch
 
 from cineray.models.dit import Conditioning
 from cineray.pipelines.conditioning import build_conditioning
-from cineray.pipelines.flow import SamplerConfig, guided_velocity, resample, sample, timesteps
+from cineray.pipelines.flow import (
+    SamplerConfig,
+    guided_velocity,
+    motion_map,
+    resample,
+    sample,
+    timesteps,
+)
 from cineray.pipelines.generate import Timer, check_request, extend, upscale_stream
 from cineray.pipelines.stages import (
     Components,
@@ -295,6 +302,32 @@ def test_a_checkpoint_ships_its_sampler_defaults(components, tmp_path):
     (tmp_path / "sampler.json").write_text('{"shfit": 3.0}')
     with pytest.raises(ValueError, match="sampler.json: expected an object with keys among"):
         Components.load(tmp_path)
+
+
+def test_the_motion_weight_charges_errors_where_the_clip_moves_more(components):
+    """One latent position changes between frames 1 and 2, the rest of the clip stands still.
+    The same error costs the same at that position and at a still one without the weight;
+    with it the moving one costs 1 + strength * cap (the per-clip ratio is capped) and the
+    still one 1, normalised over the clip's weights. A clip that never moves weighs 1."""
+    flow, (cond, _) = components.flow, _conds(components)
+    x0 = torch.zeros(1, 8, 5, 8, 8)
+    x0[:, :, 2:, 3, 3] = 1.0
+    m = motion_map(x0, 2.0)
+    assert m[0, 0, :, 3, 3].tolist() == [1.0, 11.0, 11.0, 1.0, 1.0]
+    assert (m[0, 0, :, :3] == 1).all() and (m[0, 0, 0] == 1).all()
+    assert (motion_map(torch.ones(2, 8, 5, 4, 4), 2.0) == 1).all()
+
+    def run(at, mw):
+        error = torch.zeros_like(x0)
+        error[:, :, 1, at[0], at[1]] = 0.5
+        return flow.loss(_Oracle(x0, error), x0, cond, motion_weight=mw,
+                         generator=torch.Generator().manual_seed(5))[0].item()
+
+    n = 5 * 8 * 8
+    assert run((3, 3), 0.0) == pytest.approx(0.25 / n) == pytest.approx(run((0, 0), 0.0))
+    total = n + 2 * 10.0
+    assert run((3, 3), 2.0) == pytest.approx(11 * 0.25 / total, rel=1e-5)
+    assert run((0, 0), 2.0) == pytest.approx(0.25 / total, rel=1e-5)
 
 
 def test_the_temporal_term_charges_errors_that_change_from_frame_to_frame(components):

@@ -334,11 +334,12 @@ def test_vae_task_charges_the_still_camera_clips_and_rejects_negative_still_sett
 
 def test_denoiser_task_reports_its_temporal_error_and_rejects_a_negative_weight(cfg):
     task = make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
-        cfg.task, latent_temporal_weight=2.0)))
+        cfg.task, latent_temporal_weight=2.0, latent_motion_weight=1.0)))
     model = task.build_model()
     loss, parts = task.loss(model, world_batch(2), step=0)
     loss.backward()
     assert torch.isfinite(loss) and parts["temporal"] > 0
-    with pytest.raises(ValueError, match="task.latent_temporal_weight must be >= 0"):
-        make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
-            cfg.task, latent_temporal_weight=-1.0)))
+    for key in ("latent_temporal_weight", "latent_motion_weight"):
+        with pytest.raises(ValueError, match=f"task.{key} must be >= 0"):
+            make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+                cfg.task, **{key: -1.0})))
