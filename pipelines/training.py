@@ -67,7 +67,8 @@ class TaskConfig:
     # change (RectifiedFlow.loss), which charges errors that differ between neighbouring frames.
     latent_temporal_weight: float = 0.0
     # Denoiser: extra loss weight where the clean latents change from frame to frame
-    # (flow.motion_map): a moving object's outline and a moving camera's background.
+    # (flow.motion_map): a moving object's outline and a moving camera's background. The
+    # shipped denoiser does not use it (model card, denoiser stage 23: it cost camera).
     latent_motion_weight: float = 0.0
     caption_dropout: float = 0.1  # train the unconditional branch for classifier-free guidance
     camera_dropout: float = 0.2  # "unspecified" camera: the prompt alone must carry it
