@@ -168,8 +168,9 @@ def render(
     camera_speed: Annotated[float | None, typer.Option(help="Camera speed.")] = None,
     focal_length: Annotated[float, typer.Option(help="Focal length in mm.")] = 50.0,
     hold_background: Annotated[bool, typer.Option(
-        help="With --camera static: hold the background still (pixels within a few grey "
-             "levels of its plate).")] = True,
+        help="With --camera static (or none, where the first window reads as a still "
+             "camera): hold the background still (pixels within a few grey levels of its "
+             "plate).")] = True,
     negative_prompt: Annotated[str, typer.Option(help="What to steer away from.")] = "",
     image: Annotated[str | None, typer.Option(help="First frame (PNG/JPEG): image-to-video.")] = None,
     upscale: Annotated[str, typer.Option(help="none | spatial | full (x2 size, x2 fps).")] = "none",

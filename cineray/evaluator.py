@@ -208,6 +208,17 @@ def _camera(f: np.ndarray, fg: np.ndarray) -> tuple[np.ndarray, np.ndarray, floa
     return scale, shift, float(np.mean(flick)) if flick else 0.0
 
 
+def still_camera(frames: np.ndarray, fps: float) -> bool:
+    """Whether uint8 (T, H, W, 3) frames at `fps` read as a still camera: the background (what
+    is not an object) neither shifts nor scales by more than the evaluator's camera thresholds.
+    Needs no object, so it also reads clips the evaluator would call invalid."""
+    if frames.shape[0] < 3:
+        return False
+    f = frames.astype(np.float64) / 255.0
+    scale, shift, _ = _camera(f, _foreground(f))
+    return _classify_camera(scale, shift, 0.0, (len(f) - 1) / fps)[0] == "static"
+
+
 def _classify_camera(scale, shift, obj_zoom: float, dur: float) -> tuple[str, tuple, float]:
     """Camera label from the background's total shift and log-scale rates (per second)."""
     zoom = float(np.log(scale[-1])) / dur

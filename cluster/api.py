@@ -41,8 +41,9 @@ class Camera(BaseModel):
     motion: str | None = Field(None, description="static, pan_left, pan_right, tilt_up, ...")
     speed: float | None = Field(None, ge=0, description="Camera speed (default: the world's).")
     focal_length_mm: float = Field(50.0, gt=0)
-    hold_background: bool = Field(True, description="With motion 'static': hold the "
-                                  "background still.")
+    hold_background: bool = Field(True, description="With motion 'static' (or none, where "
+                                  "the first window reads as still): hold the background "
+                                  "still.")
     guidance: float | None = Field(None, ge=0, le=20, description="Camera guidance: push the "
                                    "asked motion further from a still camera (0 = off).")
 

@@ -23,7 +23,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from cineray.evaluator import still_camera
 from cineray.pipelines import provenance
+from cineray.pipelines.conditioning import UNSPECIFIED
 from cineray.pipelines.safety import check_prompt
 from cineray.pipelines.stages import (
     Components,
@@ -234,7 +236,8 @@ HOLD_LEVELS = (8.0, 16.0)
 
 
 def hold_background(chunks: Iterator[torch.Tensor], plate_frames: int, given: int = 0,
-                    levels: tuple[float, float] = HOLD_LEVELS) -> Iterator[torch.Tensor]:
+                    levels: tuple[float, float] = HOLD_LEVELS,
+                    fps: float | None = None) -> Iterator[torch.Tensor]:
     """A still camera's frames (a stream of chunks (1, 3, n, H, W)) with the background held on
     one plate: the last of the `given` frames the caller supplied (an image-to-video first
     frame, the end of a clip being extended), else the per-pixel median of the first
@@ -246,22 +249,32 @@ def hold_background(chunks: Iterator[torch.Tensor], plate_frames: int, given: in
     are set to it; the objects (and whatever differs from the background by more than a few
     grey levels) pass unchanged, since a pixel moves by at most levels[1] grey levels and only
     towards the plate. The given frames pass unchanged. Streams: only the frames the plate
-    needs are held back."""
+    needs are held back.
+
+    fps: the camera was left to the prompt, so hold only if the first `plate_frames` frames
+    (at this rate) read as a still camera (cineray.evaluator.still_camera); otherwise the
+    stream passes unchanged."""
     lo, hi = (v / 127.5 for v in levels)  # grey levels -> the [-1, 1] scale
-    need = given or plate_frames
-    buf, plate, done = [], None, 0
+    need = max(given or plate_frames, plate_frames if fps else 0)
+    buf, plate, hold, done = [], None, True, 0
     for chunk in chunks:
         if plate is None:
             buf.append(chunk)
             if sum(c.shape[2] for c in buf) < need:
                 continue
             chunk, buf = torch.cat(buf, dim=2), []
-            plate = _plate(chunk[:, :, :need], given)
-        yield _held(chunk, plate, lo, hi, max(0, given - done))
+            plate = _plate(chunk[:, :, : given or plate_frames], given)
+            hold = fps is None or _still(chunk[:, :, :plate_frames], fps)
+        yield _held(chunk, plate, lo, hi, max(0, given - done)) if hold else chunk
         done += chunk.shape[2]
     if buf:  # a stream shorter than the plate needs: its own median
         chunk = torch.cat(buf, dim=2)
-        yield _held(chunk, _plate(chunk, 0), lo, hi, given)
+        hold = fps is None or _still(chunk, fps)
+        yield _held(chunk, _plate(chunk, 0), lo, hi, given) if hold else chunk
+
+
+def _still(video: torch.Tensor, fps: float) -> bool:
+    return still_camera(to_uint8(video), fps)
 
 
 def _plate(video: torch.Tensor, given: int) -> torch.Tensor:
@@ -317,9 +330,10 @@ def finish(components: Components, request: GenerationRequest, base: Iterator[to
     `frames` base frames as the request asks; collect the uint8 output and the base-resolution
     preview into arrays allocated once (no list + concatenate copy). given: leading frames the
     caller supplied, which stay as they are (default: the request's image, if any)."""
-    if request.camera == "static" and request.hold_background:
+    if request.hold_background and request.camera in ("static", None, "", UNSPECIFIED):
         given = (request.image is not None) if given is None else given
-        base = hold_background(base, components.windows.frames, int(given))
+        auto = None if request.camera == "static" else request.fps  # the prompt chose: look
+        base = hold_background(base, components.windows.frames, int(given), fps=auto)
     preview = _Collector(frames, request.height, request.width)
     stream, fps = preview.tee(base), request.fps
     size, length = (request.height, request.width), frames

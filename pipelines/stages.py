@@ -60,7 +60,8 @@ class GenerationRequest:
     sampler: str | None = None  # "euler" | "heun"
     image: np.ndarray | None = None  # uint8 (height, width, 3): image-to-video first frame
     upscale: str = "none"  # "none" | "spatial" | "full"
-    # With camera "static": hold the background on a still plate (generate.hold_background).
+    # With camera "static": hold the background on a still plate (generate.hold_background);
+    # with no camera asked for, only if the first window reads as a still camera.
     hold_background: bool = True
 
     def __post_init__(self):

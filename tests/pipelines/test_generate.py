@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from cineray.evaluator import still_camera
 from cineray.pipelines.generate import (
     Timer,
     _Steps,
@@ -31,6 +33,7 @@ from cineray.pipelines.stages import (
 )
 from cineray.pipelines.windows import Blender, WindowConfig, plan_windows
 from cineray.video import read_mp4
+from cineray.world import CAMERAS, WorldConfig, render, sample_scene
 
 REQ = GenerationRequest("a blue square moving left", seed=11, camera="zoom_in")
 
@@ -140,9 +143,9 @@ def _drifting_clip(t=33, seed=0):
     return video
 
 
-def _hold(video, sizes, plate_frames=17, given=0):
+def _hold(video, sizes, plate_frames=17, given=0, fps=None):
     return torch.cat(list(hold_background(iter(video.split(sizes, dim=2)), plate_frames,
-                                          given)), dim=2)
+                                          given, fps=fps)), dim=2)
 
 
 def test_hold_background_sets_the_still_background_to_its_plate_and_leaves_objects_alone():
@@ -178,6 +181,31 @@ def test_hold_background_holds_on_the_last_given_frame_and_short_streams_on_thei
         assert near.any() and torch.equal(out[near], plate.expand_as(video)[near])
 
 
+def test_a_camera_left_to_the_prompt_is_held_only_where_the_shot_reads_still():
+    """With fps given (no camera asked for), the first plate_frames frames decide: world clips
+    with a decoder-like drift of a grey level or so come out held under a still camera, and
+    unchanged under every moving one (two scenes per camera motion)."""
+    cfg, per = WorldConfig(p_camera_motion=7 / 8), Counter()
+    g = torch.Generator().manual_seed(3)
+    for seed in range(2000):
+        scene = sample_scene(cfg, 7_000_000 + seed, heldout=None)
+        if per[scene.camera] == 2:
+            continue
+        per[scene.camera] += 1
+        clip = torch.from_numpy(render(scene, 32, 32, 25, 8.0)).permute(3, 0, 1, 2)[None]
+        video = clip.float() / 127.5 - 1 + torch.randn(1, 1, 25, 32, 32, generator=g) / 127.5
+        auto = _hold(video, [5, 20], fps=8.0)
+        if scene.camera == "static":
+            assert torch.equal(auto, _hold(video, [5, 20])) and not torch.equal(auto, video)
+        else:
+            assert torch.equal(auto, video), scene.camera
+        if len(per) == len(CAMERAS) and min(per.values()) == 2:
+            break
+    assert sorted(per) == sorted(CAMERAS) and set(per.values()) == {2}
+    short = _hold(video[:, :, :2], [2], fps=8.0)  # too few frames to read: left alone
+    assert torch.equal(short, video[:, :, :2])
+
+
 def test_a_still_camera_request_holds_the_background_and_other_cameras_do_not(components, image):
     still = replace(REQ, camera="static", frames=9)
     held = generate(components, still)
@@ -189,6 +217,10 @@ def test_a_still_camera_request_holds_the_background_and_other_cameras_do_not(co
     assert np.array_equal(moving.frames,
                           generate(components, replace(still, camera="pan_left",
                                                        hold_background=False)).frames)
+    # no camera asked for: held exactly where the first window reads as a still camera
+    free = generate(components, replace(still, camera=None, hold_background=False))
+    auto = generate(components, replace(still, camera=None))
+    assert np.array_equal(auto.frames, free.frames) != still_camera(free.preview, still.fps)
     # image-to-video: the given first frame is not held
     i2v = image_to_video(components, still, image)
     plain = image_to_video(components, replace(still, hold_background=False), image)
