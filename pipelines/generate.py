@@ -326,14 +326,16 @@ def _upscale_span(components, kind, buf, buf_start, a, b, halo) -> torch.Tensor:
 def finish(components: Components, request: GenerationRequest, base: Iterator[torch.Tensor],
            frames: int, timer: Timer, plan: WindowPlan | None,
            given: int | None = None) -> GenerationResult:
-    """Hold a still camera's background (request.hold_background), upscale the stream of
+    """Hold a still camera's background (request.hold_background; the plate from the plan's
+    first window, so a caller without the window config can pass the plan), upscale the stream of
     `frames` base frames as the request asks; collect the uint8 output and the base-resolution
     preview into arrays allocated once (no list + concatenate copy). given: leading frames the
     caller supplied, which stay as they are (default: the request's image, if any)."""
     if request.hold_background and request.camera in ("static", None, "", UNSPECIFIED):
         given = (request.image is not None) if given is None else given
         auto = None if request.camera == "static" else request.fps  # the prompt chose: look
-        base = hold_background(base, components.windows.frames, int(given), fps=auto)
+        plate = plan.windows[0].length if plan is not None else components.windows.frames
+        base = hold_background(base, plate, int(given), fps=auto)
     preview = _Collector(frames, request.height, request.width)
     stream, fps = preview.tee(base), request.fps
     size, length = (request.height, request.width), frames
