@@ -14,9 +14,14 @@ from cineray.world import CAMERAS
 UNSPECIFIED = "unspecified"
 
 
+def unspecified_camera(name: str | None) -> bool:
+    """None, "" or "unspecified": no camera motion asked for, the prompt decides."""
+    return name in (None, "", UNSPECIFIED)
+
+
 def camera_index(name: str | None) -> int:
-    """Index into CAMERAS; None, "" or "unspecified" -> len(CAMERAS) (the prompt decides)."""
-    if name in (None, "", UNSPECIFIED):
+    """Index into CAMERAS; an unspecified camera -> len(CAMERAS) (the prompt decides)."""
+    if unspecified_camera(name):
         return len(CAMERAS)
     if name not in CAMERAS:
         raise ValueError(f"unknown camera motion {name!r}; use one of {', '.join(CAMERAS)}")

@@ -25,7 +25,7 @@ import torch
 
 from cineray.evaluator import still_camera
 from cineray.pipelines import provenance
-from cineray.pipelines.conditioning import UNSPECIFIED
+from cineray.pipelines.conditioning import unspecified_camera
 from cineray.pipelines.safety import check_prompt
 from cineray.pipelines.stages import (
     Components,
@@ -331,7 +331,7 @@ def finish(components: Components, request: GenerationRequest, base: Iterator[to
     `frames` base frames as the request asks; collect the uint8 output and the base-resolution
     preview into arrays allocated once (no list + concatenate copy). given: leading frames the
     caller supplied, which stay as they are (default: the request's image, if any)."""
-    if request.hold_background and request.camera in ("static", None, "", UNSPECIFIED):
+    if request.hold_background and (request.camera == "static" or unspecified_camera(request.camera)):
         given = (request.image is not None) if given is None else given
         auto = None if request.camera == "static" else request.fps  # the prompt chose: look
         plate = plan.windows[0].length if plan is not None else components.windows.frames

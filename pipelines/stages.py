@@ -26,7 +26,11 @@ from cineray.models.dit import DIT_PRESETS, DiT
 from cineray.models.text_encoder import TEXT_PRESETS, TextEmbedding, TextEncoder
 from cineray.models.upscaler import UPSCALER_PRESETS, Upscaler
 from cineray.models.video_vae import VAE_PRESETS, VideoVAE
-from cineray.pipelines.conditioning import UNSPECIFIED, CachedTextEncoder, guided_conditioning
+from cineray.pipelines.conditioning import (
+    CachedTextEncoder,
+    guided_conditioning,
+    unspecified_camera,
+)
 from cineray.pipelines.flow import SAMPLERS, FlowConfig, RectifiedFlow, SamplerConfig, SamplingRun
 from cineray.pipelines.training import to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, build, load_component
@@ -76,7 +80,7 @@ class GenerationRequest:
         for name in ("width", "height"):
             v = getattr(self, name)
             _expect(_is_int(v) and v > 0, name, v, "a positive integer (e.g. 32)")
-        if self.camera not in (None, "", UNSPECIFIED) and self.camera not in CAMERAS:
+        if not unspecified_camera(self.camera) and self.camera not in CAMERAS:
             raise ValueError(f"camera {self.camera!r} is unknown; use one of {', '.join(CAMERAS)}"
                              f" (or leave it out)")
         _expect(self.camera_speed is None or (_is_num(self.camera_speed) and self.camera_speed >= 0),
@@ -107,7 +111,7 @@ class GenerationRequest:
     def resolved_camera_speed(self) -> float:
         if self.camera_speed is not None:
             return float(self.camera_speed)
-        moving = self.camera not in (None, "", UNSPECIFIED, "static")
+        moving = not unspecified_camera(self.camera) and self.camera != "static"
         return DEFAULT_CAMERA_SPEED if moving else 0.0
 
 
