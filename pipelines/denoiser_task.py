@@ -101,7 +101,7 @@ def training_frames(z: torch.Tensor, keys: torch.Tensor, task: TaskConfig,
             exact[i, :, :k] = 1
         elif u[i] < p1 + p2 + p3 and t > 1:
             exact[i, :, 0] = 1
-            key[i, 0, 1:, 0, 0] = (torch.rand(t - 1, generator=gen) < 0.5).float()
+            key[i, 0, 1:, 0, 0] = (torch.rand(t - 1, generator=gen) < task.key_density).float()
     known = z * exact + keys * key
     ones = torch.ones_like(z[:, :1])
     return torch.cat([known, exact * ones, key * ones], dim=1), exact
@@ -131,6 +131,8 @@ class DenoiserTask:
         if any(not 0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1.0:
             raise ValueError(f"caption shares must each lie in [0, 1] and sum to at most 1, got "
                              f"{shares}")
+        if not 0.0 <= task.key_density <= 1.0:
+            raise ValueError(f"task.key_density must lie in [0, 1], got {task.key_density}")
         for key in ("latent_temporal_weight", "latent_motion_weight"):
             if getattr(task, key) < 0:
                 raise ValueError(f"task.{key} must be >= 0, got {getattr(task, key)}")

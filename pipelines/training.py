@@ -83,6 +83,9 @@ class TaskConfig:
     p_first_frame: float = 0.2  # image-to-video: latent frame 0 given exactly
     p_prefix: float = 0.15  # window context: the first 1-2 latent frames given exactly
     p_keyframes: float = 0.15  # keyframe images guide some groups (plus the first frame)
+    # Chance that each later group is keyed in a keyframe-guided clip. A long clip's windows
+    # are keyed on every group end (the default keyframe pass), a pattern 0.5 rarely shows.
+    key_density: float = 0.5
     vae_weights: str = ""  # exported VAE folder for denoiser training ("" -> shipped checkpoint)
     # Encode the frozen VAE in bf16 where the hardware computes in it (native_bf16): 3x faster
     # on such a CPU (the encoder was ~30% of an fp32 denoiser step); the rounding (~1e-2 of a

@@ -127,6 +127,23 @@ def test_training_frames_mix_the_pipelines_conditioning(cfg):
     assert all(v > 0 for v in kinds.values()), kinds
 
 
+def test_key_density_sets_how_many_groups_a_keyframe_guided_clip_gets(cfg):
+    """Every later group keyed at 1, none at 0 (the first frame stays exact), about half at 0.5."""
+    z, keys = torch.randn(400, 4, 5, 4, 4), torch.randn(400, 4, 5, 4, 4)
+    shares = {}
+    for density in (0.0, 0.5, 1.0):
+        task = dataclasses.replace(cfg.task, p_first_frame=0.0, p_prefix=0.0, p_keyframes=1.0,
+                                   key_density=density)
+        frames, exact = training_frames(z, keys, task, torch.Generator().manual_seed(1))
+        key = frames[:, z.shape[1] + 1, :, 0, 0]
+        assert (exact[:, 0, 0] == 1).all() and (key[:, 0] == 0).all()
+        shares[density] = key[:, 1:].mean().item()
+    assert shares[0.0] == 0 and shares[1.0] == 1 and 0.45 < shares[0.5] < 0.55, shares
+    with pytest.raises(ValueError, match="task.key_density must lie in"):
+        make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+            cfg.task, key_density=1.5)))
+
+
 def test_denoiser_latents_are_encoded_once_per_clip(cfg):
     """Named clips (clip_id + crop start) keep their latents: the second epoch skips the VAE
     and gets the same latents (to float16 rounding); unnamed batches are always encoded."""
