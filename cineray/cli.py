@@ -177,8 +177,8 @@ def render(
     steps: Annotated[int | None, typer.Option(help="Sampler steps.")] = None,
     guidance: Annotated[float | None, typer.Option(help="Classifier-free guidance scale.")] = None,
     camera_guidance: Annotated[float | None, typer.Option(
-        help="Push the asked camera motion further from a still camera (0 = off; default: the "
-             "checkpoint's sampler.json).")] = None,
+        help="Push the asked camera motion further from a still camera, whatever the motion "
+             "(0 = off; default: the checkpoint's sampler.json, which may name motions).")] = None,
     sampler: Annotated[str | None, typer.Option(help="euler | heun.")] = None,
     width: Annotated[int, typer.Option(help="Base width in pixels.")] = 32,
     height: Annotated[int, typer.Option(help="Base height in pixels.")] = 32,

@@ -11,7 +11,7 @@ velocity for sampling: v = (x_t - x0) / t.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -42,8 +42,18 @@ class SamplerConfig:
     # those). 0 = off.
     camera_guidance: float = 0.0
     camera_interval: tuple[float, float] = (0.0, 1.0)
+    # Per camera motion (a moving one of CAMERAS): its scale instead of camera_guidance, e.g.
+    # {"dolly_zoom": 2.0} steers dolly zooms alone.
+    camera_guidance_by_motion: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        by = self.camera_guidance_by_motion
+        if not isinstance(by, dict) or any(
+                k not in CAMERAS[1:] or isinstance(g, bool) or not isinstance(g, (int, float))
+                or g < 0 for k, g in by.items()):
+            raise ValueError(f"camera_guidance_by_motion must map moving cameras "
+                             f"({', '.join(CAMERAS[1:])}) to scales >= 0, got {by!r}")
+        self.camera_guidance_by_motion = {k: float(g) for k, g in by.items()}
         for name in ("guidance_interval", "camera_interval"):
             lo, hi = (float(v) for v in getattr(self, name))
             if not 0.0 <= lo <= hi <= 1.0:
@@ -181,21 +191,23 @@ def guided_velocity(model, flow: RectifiedFlow, cond: Conditioning, uncond: Cond
     v = v_u + g (v_c - v_u) at noise levels t in cfg.guidance_interval, the conditional
     prediction alone elsewhere. Scale 1 (or no uncond) is exactly the conditional prediction.
 
-    Camera guidance adds cfg.camera_guidance (v_c - v_s) for t in cfg.camera_interval, where v_s
-    is the prediction for the same prompt with a still camera (label "static", speed 0): it
+    Camera guidance adds g_cam (v_c - v_s) for t in cfg.camera_interval, where v_s is the
+    prediction for the same prompt with a still camera (label "static", speed 0): it
     extrapolates the difference the camera label makes, for a denoiser that moves a zooming
-    background less than asked. Rows that ask for a still camera skip it (the term is 0), and so
-    do rows that leave the camera to the prompt. Every branch of a step runs as one batch."""
+    background less than asked. g_cam is cfg.camera_guidance_by_motion's scale for the row's
+    camera motion, else cfg.camera_guidance. Rows that ask for a still camera skip it (the term
+    is 0), and so do rows that leave the camera to the prompt. Every branch of a step runs as
+    one batch."""
     lo, hi = cfg.guidance_interval
     c_lo, c_hi = cfg.camera_interval
-    static = CAMERAS.index("static")
-    moving = (cond.camera != static) & (cond.camera < len(CAMERAS))  # len: unspecified
-    rows = moving.nonzero().flatten()
-    still = still_camera(cond.select(rows), static) if len(rows) else None
+    scale = camera_scales(cond.camera, cfg)
+    rows = scale.nonzero().flatten()
+    still = still_camera(cond.select(rows), CAMERAS.index("static")) if len(rows) else None
+    scale = scale[rows].view(-1, 1, 1, 1, 1)
 
     def v_fn(x: torch.Tensor, t: float) -> torch.Tensor:
         guided = uncond is not None and cfg.guidance != 1.0 and lo <= t <= hi
-        steer = still is not None and cfg.camera_guidance != 0.0 and c_lo <= t <= c_hi
+        steer = still is not None and c_lo <= t <= c_hi
         xs, conds = [x], [cond]
         if guided:
             xs, conds = xs + [x], conds + [uncond]
@@ -211,10 +223,19 @@ def guided_velocity(model, flow: RectifiedFlow, cond: Conditioning, uncond: Cond
             out = v_u + cfg.guidance * (v_c - v_u)
         if steer:
             out = out.clone()
-            out[rows] += cfg.camera_guidance * (v_c[rows] - v[-len(rows):])
+            out[rows] += scale.to(v) * (v_c[rows] - v[-len(rows):])
         return out
 
     return v_fn
+
+
+def camera_scales(camera: torch.Tensor, cfg: SamplerConfig) -> torch.Tensor:
+    """(B,) camera guidance scale of each row of a batch of camera labels: 0 for a still or
+    unspecified camera (index len(CAMERAS))."""
+    g = [0.0 if c >= len(CAMERAS) or CAMERAS[c] == "static"
+         else cfg.camera_guidance_by_motion.get(CAMERAS[c], cfg.camera_guidance)
+         for c in camera.tolist()]
+    return torch.tensor(g)
 
 
 @torch.no_grad()

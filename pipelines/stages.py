@@ -251,6 +251,9 @@ def sampler_config(components: Components, request: GenerationRequest) -> Sample
                    guidance=s.guidance if request.guidance is None else float(request.guidance),
                    camera_guidance=(s.camera_guidance if request.camera_guidance is None
                                     else float(request.camera_guidance)),
+                   # a request's own scale holds for every camera motion
+                   camera_guidance_by_motion=(s.camera_guidance_by_motion
+                                              if request.camera_guidance is None else {}),
                    negative_prompt=request.negative_prompt)
 
 

@@ -29,6 +29,7 @@ from cineray.pipelines.stages import (
     encode_text,
     image_latent,
     prefix_frames,
+    sampler_config,
     upscale,
     window_frames,
 )
@@ -104,6 +105,35 @@ def test_camera_guidance_extrapolates_from_a_still_camera_only_where_one_moves(c
                                    rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="camera_interval"):
         SamplerConfig(camera_interval=(0.9, 0.1))
+
+
+def test_camera_guidance_by_motion_sets_the_scale_of_the_motions_it_names(components):
+    model, flow = components.denoiser, components.flow
+    pan, uncond = _conds(components)  # pan_left
+    dolly, _ = _conds(components, replace(REQ, camera="dolly_zoom"))
+    x = torch.randn(2, 8, 5, 8, 8, generator=torch.Generator().manual_seed(2))
+    both, un2 = Conditioning.cat([pan, dolly]), Conditioning.cat([uncond, uncond])
+    base = SamplerConfig(guidance=3.0, camera_interval=(0.3, 0.8))
+    dolly_only = replace(base, camera_guidance_by_motion={"dolly_zoom": 2.0})
+    with torch.no_grad():
+        off = guided_velocity(model, flow, both, un2, base)(x, 0.5)
+        uniform = guided_velocity(model, flow, both, un2, replace(base, camera_guidance=2.0))(x, 0.5)
+        out = guided_velocity(model, flow, both, un2, dolly_only)(x, 0.5)
+        assert torch.equal(out[:1], off[:1])  # the pan is not named: camera_guidance (0) holds
+        torch.testing.assert_close(out[1:], uniform[1:], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(out[1:], off[1:])
+        # a named motion's scale wins over camera_guidance, in both directions
+        mixed = replace(base, camera_guidance=2.0, camera_guidance_by_motion={"pan_left": 0})
+        out = guided_velocity(model, flow, both, un2, mixed)(x, 0.5)
+        assert torch.equal(out[:1], off[:1])
+        torch.testing.assert_close(out[1:], uniform[1:], rtol=1e-5, atol=1e-5)
+    # a request's own scale holds for every motion
+    comp = replace(components, sampler=dolly_only)
+    assert sampler_config(comp, replace(REQ, camera_guidance=1.0)).camera_guidance_by_motion == {}
+    assert sampler_config(comp, REQ).camera_guidance_by_motion == {"dolly_zoom": 2.0}
+    for bad in ({"static": 1.0}, {"orbit": 1.0}, {"zoom_in": -1.0}, {"zoom_in": "2"}, [2.0]):
+        with pytest.raises(ValueError, match="camera_guidance_by_motion must map moving cameras"):
+            SamplerConfig(camera_guidance_by_motion=bad)
 
 
 class _Oracle(torch.nn.Module):
@@ -299,6 +329,8 @@ def test_a_checkpoint_ships_its_sampler_defaults(components, tmp_path):
     assert Components.load(tmp_path).sampler == SamplerConfig(shift=3.0, guidance=5.0)
     (tmp_path / "sampler.json").write_text('{"guidance_interval": [0.3, 1.0]}')
     assert Components.load(tmp_path).sampler.guidance_interval == (0.3, 1.0)
+    (tmp_path / "sampler.json").write_text('{"camera_guidance_by_motion": {"dolly_zoom": 2}}')
+    assert Components.load(tmp_path).sampler.camera_guidance_by_motion == {"dolly_zoom": 2.0}
     (tmp_path / "sampler.json").write_text('{"shfit": 3.0}')
     with pytest.raises(ValueError, match="sampler.json: expected an object with keys among"):
         Components.load(tmp_path)
