@@ -206,13 +206,27 @@ def _warm_start(model: torch.nn.Module, storage: Storage, tc: TrainConfig) -> di
     and models trained on its outputs, ran on; the raw weights differ a little."""
     if not tc.init_from:
         return None
-    raw, ema = train_io.load_init_weights(storage, tc.init_from, tc.component)
+    raw, ema, config = train_io.load_init_weights(storage, tc.init_from, tc.component)
+    if tc.component == "denoiser" and list(config.get("patch", model.cfg.patch)) != model.cfg.patch:
+        raw, ema = (_refine(sd, config, model.cfg) if sd is not None else None for sd in (raw, ema))
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if frozen and ema is not None:
         fixed = frozen | {n for n, _ in model.named_buffers()}
         raw = {k: ema[k] if k in fixed else v for k, v in raw.items()}
     model.load_state_dict(raw)
     return ema
+
+
+def _refine(state: dict, old, new) -> dict:
+    """A denoiser state dict saved with coarser patches, converted to the model's finer ones."""
+    from cineray.models.dit import refine_patches
+
+    want = [r * n / o for r, n, o in zip(old.get("rope_scale", [1.0] * 3), new.patch,
+                                         old["patch"], strict=True)]
+    if list(new.rope_scale) != want:
+        raise ValueError(f"train.init_from has patch {old['patch']}, the model {new.patch}: "
+                         f"set denoiser.rope_scale={want} so token distances keep their meaning")
+    return refine_patches(state, old["patch"], new.patch)
 
 
 def _resume(engine, ema: EMA, storage, run_uri: str, rank, world, tc) -> dict:

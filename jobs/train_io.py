@@ -150,8 +150,10 @@ def _to_bf16(data: bytes) -> bytes:
                        for k, v in sd.items()})
 
 
-def load_init_weights(storage: Storage, folder: str, component: str) -> tuple[dict, dict | None]:
-    """(raw state dict, EMA state dict or None) from an exported folder, for a warm start."""
+def load_init_weights(storage: Storage, folder: str,
+                      component: str) -> tuple[dict, dict | None, dict]:
+    """(raw state dict, EMA state dict or None, model config) from an exported folder, for a
+    warm start."""
     from safetensors.torch import load as load_bytes
 
     info = json.loads(storage.read_bytes(storage.join(folder, "config.json")))
@@ -161,7 +163,8 @@ def load_init_weights(storage: Storage, folder: str, component: str) -> tuple[di
     ema = load_bytes(storage.read_bytes(storage.join(folder, "model.safetensors")))
     raw_uri = storage.join(folder, "raw", "model.safetensors")
     raw = load_bytes(storage.read_bytes(raw_uri)) if storage.exists(raw_uri) else None
-    return (raw, ema) if raw is not None else (ema, None)
+    config = info.get("config", {})
+    return (raw, ema, config) if raw is not None else (ema, None, config)
 
 
 class MetricsLog:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import nn
 
 from cineray.models.layers import Mlp, RoPE3D, apply_rope, attention, modulate, timestep_embedding
@@ -38,6 +38,10 @@ class DiTConfig:
     n_cameras: int = 8  # camera motion classes; index n_cameras means "unspecified"
     prediction: str = "x"  # "x": the clean latents; "v": the velocity noise - x0
     rope_theta: float = 100.0
+    # Token coordinates are multiplied by this before the rotary embedding. A model converted to
+    # finer patches (refine_patches) keeps its rotary frequency per latent pixel with
+    # new patch / old patch, e.g. [1, 0.5, 0.5] for [1, 2, 2] -> [1, 1, 1].
+    rope_scale: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     attn_backend: str = "auto"
 
 
@@ -184,9 +188,10 @@ class DiT(nn.Module):
         )
 
     def token_coords(self, t: int, h: int, w: int, device) -> torch.Tensor:
-        """(L, 3) float (t, h, w) patch-grid coordinates in token order."""
-        grid = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.float32)
-                                for n in (t, h, w)), indexing="ij")
+        """(L, 3) float (t, h, w) patch-grid coordinates in token order, times rope_scale."""
+        grid = torch.meshgrid(*(torch.arange(n, device=device, dtype=torch.float32) * s
+                                for n, s in zip((t, h, w), self.cfg.rope_scale, strict=True)),
+                              indexing="ij")
         return torch.stack(grid, dim=-1).reshape(-1, 3)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
@@ -218,9 +223,31 @@ class DiT(nn.Module):
                          t=gt, h=gh, w=gw, pt=pt, ph=ph, pw=pw)
 
 
+def refine_patches(state: dict, old: list[int], new: list[int]) -> dict:
+    """A DiT state dict converted from patch `old` to a finer patch `new` (each side dividing
+    the old one); every other weight is kept (FlexiViT, Beyer et al. 2023, resizes patch
+    embeddings between sizes too). A fine token's input weights are the sum of the coarse ones
+    over the sub-patches, so a locally constant field embeds as the coarse patch holding it did,
+    and its output is the mean of the coarse head over the sub-patches. What differed inside a
+    coarse patch is lost and has to be learned again: a warm start, not an equivalent model.
+    Set rope_scale to new / old so that token distances keep their meaning (DiTConfig)."""
+    if len(old) != 3 or len(new) != 3 or any(o % n for o, n in zip(old, new, strict=True)):
+        raise ValueError(f"patch {list(new)} must divide patch {list(old)} on every axis")
+    f = [o // n for o, n in zip(old, new, strict=True)]
+    split = "(c ft qt fh qh fw qw)"
+    dims = dict(ft=f[0], qt=new[0], fh=f[1], qh=new[1], fw=f[2], qw=new[2])
+    out = dict(state)
+    w = state["patch_in.weight"]
+    out["patch_in.weight"] = reduce(w, f"d {split} -> d (c qt qh qw)", "sum", **dims)
+    out["head.weight"] = reduce(state["head.weight"], f"{split} d -> (c qt qh qw) d", "mean", **dims)
+    out["head.bias"] = reduce(state["head.bias"], f"{split} -> (c qt qh qw)", "mean", **dims)
+    return out
+
+
 def focal_to_param(focal_length_mm: float) -> float:
     """Lens conditioning scale: focal length / 50 mm (a 'normal' lens is 1)."""
     return focal_length_mm / 50.0
 
 
-__all__ = ["DiT", "DiTConfig", "DIT_PRESETS", "Conditioning", "empty_frames", "focal_to_param"]
+__all__ = ["DiT", "DiTConfig", "DIT_PRESETS", "Conditioning", "empty_frames", "focal_to_param",
+           "refine_patches"]

@@ -250,3 +250,27 @@ def test_average_writes_the_mean_of_exports_and_refuses_mismatched_ones(local_st
     assert torch.equal(load_file(f"{tmp_path}/cli/model.safetensors")["w"], ema["w"])
     with pytest.raises(ConfigError, match="storage.nope"):
         main(["average", "--set", "storage.nope=1", "--out", str(tmp_path / "y"), a, b])
+
+
+def test_a_denoiser_warm_starts_from_an_export_with_coarser_patches(local_storage, tmp_path):
+    """train.init_from with patch [1, 2, 2] into a [1, 1, 1] model: converted (refine_patches),
+    and only with the rope_scale that keeps token distances; the EMA is converted too."""
+    from cineray.jobs.train import _warm_start
+    from cineray.models.dit import DIT_PRESETS, DiT
+    from cineray.pipelines.weights import save_component
+
+    torch.manual_seed(0)
+    coarse = DiT(DIT_PRESETS["tiny"])
+    for sub in ("", "raw"):  # an export's layout: EMA weights, raw ones beside them
+        save_component("denoiser", coarse, tmp_path / "coarse" / sub)
+    tc = dataclasses.replace(load_config("tiny").train, component="denoiser",
+                             init_from=str(tmp_path / "coarse"))
+    cfg = dataclasses.replace(DIT_PRESETS["tiny"], patch=[1, 1, 1])
+    with pytest.raises(ValueError, match=r"denoiser.rope_scale=\[1.0, 0.5, 0.5\]"):
+        _warm_start(DiT(cfg), local_storage, tc)
+    fine = DiT(dataclasses.replace(cfg, rope_scale=[1.0, 0.5, 0.5]))
+    ema = _warm_start(fine, local_storage, tc)
+    assert fine.patch_in.weight.shape == (192, 18) and ema["head.weight"].shape == (8, 192)
+    assert torch.allclose(fine.patch_in.weight,
+                          coarse.patch_in.weight.reshape(192, 18, 4).sum(-1))
+    assert torch.equal(fine.blocks[0].attn.qkv.weight, coarse.blocks[0].attn.qkv.weight)

@@ -129,3 +129,39 @@ def test_presets_exist_for_every_model():
     for presets in (VAE_PRESETS, DIT_PRESETS):
         assert {"tiny", "base"} <= set(presets)
     assert {"tiny_spatial", "tiny_temporal", "base_spatial", "base_temporal"} <= set(UPSCALER_PRESETS)
+
+
+def test_refine_patches_keeps_the_coarse_models_sub_patch_means():
+    """With the blocks left out, a fine model converted from a coarse one embeds a locally
+    constant field as the coarse one did and outputs the mean of the coarse head over each
+    coarse patch: checks the weight layout of the conversion, axis by axis."""
+    from dataclasses import replace
+
+    from cineray.models.dit import refine_patches
+
+    torch.manual_seed(0)
+    cfg = replace(DIT_PRESETS["tiny"], depth=0, patch=[2, 2, 2])
+    coarse = DiT(cfg)
+    _perturb(coarse)
+    fine = DiT(replace(cfg, patch=[1, 1, 2], rope_scale=[0.5, 0.5, 1.0]))
+    fine.load_state_dict(refine_patches(coarse.state_dict(), [2, 2, 2], [1, 1, 2]))
+    small = torch.randn(1, 8, 2, 3, 2)  # one value per coarse patch, per channel
+    cond = random_conditioning(1, 8, 4, 6, 4)
+    up = lambda v: v.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)  # noqa: E731
+    cond.frames = up(torch.randn(1, 10, 2, 3, 2))
+    t = torch.tensor([0.4])
+    want = torch.nn.functional.avg_pool3d(coarse(up(small), t, cond), (2, 2, 1))
+    got = torch.nn.functional.avg_pool3d(fine(up(small), t, cond), (2, 2, 1))
+    assert torch.allclose(got, want, atol=1e-5)
+    # inside a coarse patch the fine output varies only along w, where its own patch is 2
+    out = fine(up(small), t, cond)
+    assert torch.equal(out[:, :, 0], out[:, :, 1]) and torch.equal(out[..., 0, :], out[..., 1, :])
+    assert not torch.allclose(out[..., 0], out[..., 1])
+    # rotary positions in the coarse model's units: half a coarse patch between fine tokens
+    assert fine.token_coords(2, 1, 2, "cpu").tolist() == [[0, 0, 0], [0, 0, 1], [0.5, 0, 0],
+                                                          [0.5, 0, 1]]
+    # a constant field embeds exactly as before (the residual stream keeps its scale)
+    ones = torch.ones(1, 18 * 8), torch.ones(1, 18 * 2)
+    assert torch.allclose(fine.patch_in(ones[1]), coarse.patch_in(ones[0]), atol=1e-5)
+    with pytest.raises(ValueError, match="must divide"):
+        refine_patches(coarse.state_dict(), [2, 2, 2], [1, 4, 2])
