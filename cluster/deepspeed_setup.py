@@ -2,7 +2,8 @@
 
 Order of application (each step takes the previous one's output):
   1. ``ds_config(cfg, world_size)``: ZeRO stage, precision, torch AdamW, accumulation, clipping.
-  2. ``apply_deepspeed(model, cfg, world_size)``: deepspeed.initialize with a warm-up/cosine LR.
+  2. ``apply_deepspeed(model, cfg, world_size)``: deepspeed.initialize with a warm-up/cosine LR
+     (the model's forward compiled first when cfg.compile).
   3. ``EMA(engine, cfg.ema_decay, stage)``: fp32 shadow weights on rank 0, updated every step.
   4. ``save_shards`` / ``load_shards``: each rank's DeepSpeed shard (the exact resume state);
      ``full_state_dict`` consolidates the weights on rank 0 for export.
@@ -70,6 +71,8 @@ def apply_deepspeed(model: torch.nn.Module, cfg: TrainConfig, world_size: int):
     """Wrap ``model`` in a DeepSpeed engine (the process group must already exist)."""
     import deepspeed
 
+    if cfg.compile:
+        model.compile()  # in place: parameter names, state dicts and checkpoints stay the same
     engine, *_ = deepspeed.initialize(
         model=model,
         model_parameters=[p for p in model.parameters() if p.requires_grad],

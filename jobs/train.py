@@ -3,6 +3,7 @@
     python -m cineray.jobs.train --config tiny train.component=vae train.max_steps=500
     python -m cineray.jobs.train export --run tiny-vae --out checkpoints/cineray-tiny/vae
     python -m cineray.jobs.train average --out soup/denoiser exportA/denoiser exportB/denoiser
+    python -m cineray.jobs.train val exportA/denoiser exportB/denoiser   (jobs/train_val.py)
 
 One job trains any component (train.component: vae, denoiser, upscaler_spatial,
 upscaler_temporal) through its pipelines.training task. Each worker wraps the plain model in
@@ -380,6 +381,28 @@ def main(argv: list[str]) -> int:
         p.add_argument("folders", nargs="+", help="two exported folders or more")
         a = p.parse_args(argv[1:])
         print(average(load_config(a.config, a.overrides), a.folders, a.out))
+        return 0
+    if argv[:1] == ["val"]:
+        from cineray.jobs.train_val import DEFAULT_SEED, fixed_noise_error, markdown
+
+        p = argparse.ArgumentParser(prog="python -m cineray.jobs.train val",
+                                    description="fixed-noise error of denoiser exports on fresh "
+                                                "world clips (jobs/train_val.py)")
+        p.add_argument("folders", nargs="+", help="denoiser export folders")
+        p.add_argument("--clips", type=int, default=128)
+        p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="first scene seed")
+        p.add_argument("--levels", default="0.1,0.2,0.4,0.6,0.8", help="noise levels t")
+        p.add_argument("--config", default="tiny")
+        p.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="KEY=VALUE", help="config override, e.g. task.vae_weights=...")
+        a = p.parse_args(argv[1:])
+        try:
+            levels = tuple(float(t) for t in a.levels.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--levels takes numbers separated by commas, got {a.levels!r}") from None
+        cfg = load_config(a.config, a.overrides)
+        print(markdown(fixed_noise_error(cfg, a.folders, a.clips, a.seed, levels)))
         return 0
     p = argparse.ArgumentParser(prog="python -m cineray.jobs.train")
     p.add_argument("--config", default="tiny", help="preset name or .yaml path")

@@ -274,3 +274,85 @@ def test_a_denoiser_warm_starts_from_an_export_with_coarser_patches(local_storag
     assert torch.allclose(fine.patch_in.weight,
                           coarse.patch_in.weight.reshape(192, 18, 4).sum(-1))
     assert torch.equal(fine.blocks[0].attn.qkv.weight, coarse.blocks[0].attn.qkv.weight)
+
+
+def test_fixed_noise_error_ranks_the_shipped_denoiser_above_random_weights(tmp_path, capsys):
+    """`train val`: the same clips and noise for every export, so a trained denoiser scores far
+    below random weights of the same shape, and a second call gives the same figures."""
+    from cineray.jobs.train import main
+    from cineray.jobs.train_val import fixed_noise_error
+    from cineray.models.dit import DiT
+    from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component, save_component
+
+    shipped = str(DEFAULT_CHECKPOINT / "denoiser")
+    torch.manual_seed(0)
+    save_component("denoiser", DiT(load_component(shipped).cfg), tmp_path / "random")
+    cfg = load_config("tiny")
+    got = fixed_noise_error(cfg, [shipped, str(tmp_path / "random")], clips=6, levels=(0.2, 0.6))
+    for t in (0.2, 0.6):
+        trained, rand = got[shipped][t], got[str(tmp_path / "random")][t]
+        assert trained[0] < 0.5 * rand[0] and trained[1] < rand[1]
+    assert got[shipped][0.2][0] < got[shipped][0.6][0]  # less noise, better estimate
+    assert fixed_noise_error(cfg, [shipped], clips=6, levels=(0.2, 0.6)) == {shipped: got[shipped]}
+
+    assert main(["val", shipped, "--clips", "2", "--levels", "0.5"]) == 0
+    assert "| t = 0.5 |" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--levels"):
+        main(["val", shipped, "--levels", "half"])
+    with pytest.raises(ValueError, match="not a denoiser export"):
+        fixed_noise_error(cfg, [str(DEFAULT_CHECKPOINT / "vae")], clips=2)
+
+
+@pytest.mark.slow
+def test_a_compiled_model_trains_like_the_eager_one_under_the_same_names(monkeypatch):
+    """train.compile=true: DeepSpeed steps a compiled forward to the same losses as the eager
+    model's and leaves parameter names (so checkpoints and exports) unchanged; ZeRO-3 refuses."""
+    import socket
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from cineray.cluster.deepspeed_setup import apply_deepspeed
+    from cineray.jobs.train_config import TrainConfig
+    from cineray.models.dit import DIT_PRESETS, DiT, empty_frames
+    from cineray.models.text_encoder import TextEmbedding
+    from cineray.pipelines.conditioning import UNSPECIFIED, build_conditioning
+
+    with pytest.raises(ValueError, match="zero_stage <= 2"):
+        TrainConfig(compile=True, zero_stage=3)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                 "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(k, v)
+    deepspeed.init_distributed(dist_backend="gloo")
+    try:
+        cfg = dataclasses.replace(DIT_PRESETS["tiny"], hidden=48, depth=1, heads=2)
+        b, c = 2, cfg.latent_channels
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(b, c, 2, 8, 8, generator=gen)
+        text = TextEmbedding(tokens=torch.randn(b, 4, cfg.text_dim, generator=gen),
+                             mask=torch.ones(b, 4, dtype=torch.bool),
+                             pooled=torch.randn(b, cfg.text_dim, generator=gen))
+        cond = build_conditioning(text, [UNSPECIFIED] * b, [0.0] * b, [50.0] * b, [8.0] * b,
+                                  empty_frames(b, c, 2, 8, 8))
+        t = torch.tensor([0.3, 0.7])
+        losses, names = {}, {}
+        for compiled in (False, True):
+            torch.manual_seed(0)
+            tc = TrainConfig(zero_stage=0, batch_size=b, warmup_steps=1, compile=compiled)
+            engine = apply_deepspeed(DiT(cfg), tc, 1)
+            losses[compiled] = []
+            for _ in range(3):
+                loss = (engine(x, t, cond).float() - x).pow(2).mean()
+                engine.backward(loss)
+                engine.step()
+                losses[compiled].append(loss.item())
+            names[compiled] = list(engine.module.state_dict())
+            assert (engine.module._compiled_call_impl is not None) == compiled
+        assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+        assert losses[True][-1] < losses[True][0]
+        assert names[True] == names[False]
+    finally:
+        dist.destroy_process_group()
