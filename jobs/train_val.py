@@ -4,12 +4,13 @@
 
 Training losses are not comparable across runs: each draws its own noise levels, captions and
 conditioning, and the loss weights (the temporal term) vary with the recipe. This figure holds
-all of that fixed: the same world clips (scenes the training sets do not contain, drawn from a
-seed far from theirs), the same noise, the same levels t, each clip's training caption and
-camera, and no conditioning frames. For each export and level it reports the mean squared
-error of the clean-latent estimate, and that of its frame-to-frame change (what the training's
-temporal term charges: a wobbling outline, a shimmering background). Lower is better; one call
-of the model per clip and level, so it measures the denoiser alone, not the sampler.
+all of that fixed: the same world clips (scenes seeded seed + i, which no dataset holds: a
+dataset seeds its scenes with 63-bit hashes, make_dataset.clip_seed), the same noise, the same
+levels t, each clip's training caption and camera, and no conditioning frames. For each export
+and level it reports the mean squared error of the clean-latent estimate, and that of its
+frame-to-frame change (what the training's temporal term charges: a wobbling outline, a
+shimmering background). Lower is better; one call of the model per clip and level, so it
+measures the denoiser alone, not the sampler.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from cineray.pipelines.training import to_video
 from cineray.pipelines.weights import DEFAULT_CHECKPOINT, load_component, read_info
 from cineray.world import captions, render, sample_scene
 
-DEFAULT_SEED = 10_000_000  # dataset seeds are small: scenes from here on are fresh
+DEFAULT_SEED = 10_000_000  # the first scene seed (the model card's tables use it)
 
 
 def world_latents(cfg, vae, clips: int, seed: int, size: int = 32):
