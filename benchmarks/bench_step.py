@@ -42,8 +42,7 @@ def variants(bf16: bool) -> list[tuple[str, bool, bool]]:
 
 def step_fn(patch: list[int], bf16: bool, compiled: bool):
     """A closure running one training step of a fresh tiny denoiser; returns its seconds."""
-    rope = [1.0, 2.0 / patch[1], 2.0 / patch[2]]
-    cfg = dataclasses.replace(DIT_PRESETS["tiny"], patch=patch, rope_scale=rope)
+    cfg = dataclasses.replace(DIT_PRESETS["tiny"], patch=patch)
     torch.manual_seed(0)
     model = DiT(cfg)
     if compiled:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cineray.models.dit import empty_frames
 from cineray.models.text_encoder import TextEncoder
 from cineray.pipelines.conditioning import CachedTextEncoder, build_conditioning
 from cineray.pipelines.flow import RectifiedFlow
@@ -65,7 +66,7 @@ def fixed_noise_error(cfg, folders: list[str], clips: int = 128, seed: int = DEF
         sums = {t: [0.0, 0.0] for t in levels}
         for lo in range(0, clips, batch):
             z0, eps, sc = z[lo:lo + batch], noise[lo:lo + batch], scenes[lo:lo + batch]
-            frames = torch.zeros(len(sc), z.shape[1] + 2, *z.shape[2:])
+            frames = empty_frames(len(sc), *z.shape[1:])
             cond = build_conditioning(
                 text([captions(s, s.seed, style="train")[0] for s in sc]),
                 [s.camera for s in sc], [s.camera_speed for s in sc],
