@@ -136,6 +136,22 @@ class DenoiserTask:
         for key in ("latent_temporal_weight", "latent_motion_weight"):
             if getattr(task, key) < 0:
                 raise ValueError(f"task.{key} must be >= 0, got {getattr(task, key)}")
+        self.teacher = None
+        if task.teacher:
+            if cfg.denoiser.prediction != "x":
+                raise ValueError("task.teacher needs an x-prediction student "
+                                 "(denoiser.prediction=x)")
+            if not 0.0 <= task.teacher_above <= 1.0:
+                raise ValueError(f"task.teacher_above must lie in [0, 1], got {task.teacher_above}")
+            if not (Path(task.teacher) / "config.json").is_file():
+                raise FileNotFoundError(f"task.teacher={task.teacher}: no exported denoiser "
+                                        f"there; point it at a denoiser export folder")
+            teacher = load_component(task.teacher).requires_grad_(False).eval()
+            channels = cfg.denoiser.latent_channels
+            if not isinstance(teacher, DiT) or teacher.cfg.latent_channels != channels:
+                raise ValueError(f"task.teacher={task.teacher}: not a denoiser for these latents "
+                                 f"({channels} channels)")
+            self.teacher = (teacher, RectifiedFlow(cfg.flow, teacher.cfg.prediction))
         # (clip_id, crop start) -> (latents, keyframe latents) in float16, see latents()
         self.latent_cache: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -200,8 +216,20 @@ class DenoiserTask:
         cond = self.conditioning(batch, frames)
         loss, temporal = self.flow.loss(model, z, cond, weight=1 - exact, generator=self.gen,
                                         temporal_weight=self.task.latent_temporal_weight,
-                                        motion_weight=self.task.latent_motion_weight)
+                                        motion_weight=self.task.latent_motion_weight,
+                                        teacher=self.teacher_estimate if self.teacher else None,
+                                        teacher_above=self.task.teacher_above)
         return loss, {"temporal": temporal.item()}
+
+    @torch.no_grad()
+    def teacher_estimate(self, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        """task.teacher's clean-latent estimate; in bf16 where native, as the VAE encodes
+        (task.encode_bf16)."""
+        model, flow = self.teacher
+        bf16 = self.task.encode_bf16 and native_bf16(x_t.device.type)
+        with torch.autocast(x_t.device.type, torch.bfloat16, enabled=bf16):
+            pred = model.to(x_t.device)(x_t, t, cond)
+        return flow.clean_estimate(pred.float(), x_t, t)
 
 
 class DenoiserSamples:

@@ -88,9 +88,16 @@ class RectifiedFlow:
         t = t.clamp_min(self.cfg.t_min).view(-1, *([1] * (x_t.dim() - 1)))
         return (x_t - pred) / t
 
+    def clean_estimate(self, pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's estimate of x0 from its output at (x_t, t)."""
+        if self.prediction == "x":
+            return pred
+        return x_t - t.view(-1, *([1] * (x_t.dim() - 1))) * pred
+
     def loss(self, model, x0: torch.Tensor, cond: Conditioning, weight: torch.Tensor | None = None,
              generator: torch.Generator | None = None, temporal_weight: float = 0.0,
-             motion_weight: float = 0.0):
+             motion_weight: float = 0.0, teacher: Callable | None = None,
+             teacher_above: float = 1.0):
         """Mean squared error of the prediction target, plus temporal_weight times that of the
         clean-latent estimate's frame-to-frame change. x0: (B, C, T, H, W) clean latents;
         weight: (B, 1, T, 1, 1) or broadcastable to it (e.g. 0 on frames given exactly).
@@ -101,19 +108,28 @@ class RectifiedFlow:
         outline that wobbles and a still background that shimmers. The temporal term charges
         them directly (given frames count at their true value, and a pair counts when either
         of its frames is generated). motion_weight > 0 scales the plain loss by
-        motion_map(x0, motion_weight): the positions where the clip moves count more."""
+        motion_map(x0, motion_weight): the positions where the clip moves count more.
+
+        teacher: (x_t, t, cond) -> a trained denoiser's clean-latent estimate. For the clips
+        drawn at t >= teacher_above it stands in for x0 as the target of the generated frames
+        (distillation where the data target is noisiest)."""
         noise = torch.randn(x0.shape, generator=generator).to(x0.device)
         t = self.sample_t(x0.shape[0], generator).to(x0.device)
         x_t = self.add_noise(x0, noise, t)
         pred = model(x_t, t, cond).float()
-        target = x0 if self.prediction == "x" else noise - x0
         w = torch.ones_like(x0[:, :1]) if weight is None else weight.expand_as(x0[:, :1])
+        rows = (t >= teacher_above).nonzero()[:, 0] if teacher is not None else []
+        if len(rows):
+            x0 = x0.clone()
+            x0[rows] = torch.lerp(x0[rows], teacher(x_t[rows], t[rows], cond.select(rows)),
+                                  w[rows])
+        target = x0 if self.prediction == "x" else noise - x0
         wm = w * motion_map(x0, motion_weight) if motion_weight > 0 else w
         err = (pred - target) ** 2 * wm
         loss = err.sum() / (wm.sum() * x0.shape[1]).clamp_min(1.0)
         if x0.shape[2] < 2:
             return loss, torch.zeros(())
-        est = pred if self.prediction == "x" else x_t - t.view(-1, 1, 1, 1, 1) * pred
+        est = self.clean_estimate(pred, x_t, t)
         est = torch.lerp(x0, est, w)  # given frames at their true value
         pair = torch.maximum(w[:, :, 1:], w[:, :, :-1])
         derr = (est.diff(dim=2) - x0.diff(dim=2)) ** 2 * pair

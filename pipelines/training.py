@@ -70,6 +70,13 @@ class TaskConfig:
     # (flow.motion_map): a moving object's outline and a moving camera's background. The
     # shipped denoiser does not use it (model card, denoiser stage 23: it cost camera).
     latent_motion_weight: float = 0.0
+    # Denoiser: an exported denoiser folder whose clean-latent estimate replaces the clip's own
+    # latents as the target at noise levels t >= teacher_above (see RectifiedFlow.loss). At high
+    # noise the clip is one of many that fit x_t, so its latents are a noisy target for their
+    # mean; a trained model's estimate of that mean is a quiet one. A new architecture (finer
+    # patches) starts from an older model's high-noise skill and learns the low levels from data.
+    teacher: str = ""
+    teacher_above: float = 0.4
     caption_dropout: float = 0.1  # train the unconditional branch for classifier-free guidance
     camera_dropout: float = 0.2  # "unspecified" camera: the prompt alone must carry it
     # Captions whose colour and shape words are swapped for words the world never uses (see

@@ -390,3 +390,31 @@ def test_the_temporal_term_charges_errors_that_change_from_frame_to_frame(compon
     given[:, :, 0] = 0
     _, temporal = run(steady, weight=given)
     assert temporal.item() == pytest.approx(0.01 / 4, rel=1e-5)
+
+
+def test_a_teacher_replaces_the_target_at_high_noise_only(components):
+    """With a teacher, the clips drawn at t >= teacher_above are scored against its estimate
+    (frames given exactly keep their own latents); below that, against the clip itself."""
+    flow, (cond, _) = components.flow, _conds(components)
+    x0 = torch.randn(1, 8, 5, 8, 8, generator=torch.Generator().manual_seed(4))
+    shift = torch.full_like(x0, 0.3)
+
+    def teacher(x_t, t, c):
+        return (x0 + shift).expand_as(x_t)
+
+    def run(above, weight=None):
+        return flow.loss(_Oracle(x0), x0, cond, weight=weight, teacher=teacher,
+                         teacher_above=above, generator=torch.Generator().manual_seed(5))[0]
+
+    assert run(0.0).item() == pytest.approx(0.09, rel=1e-5)  # every level: the teacher's target
+    assert run(1.0).item() == 0.0  # no level reaches 1: the clip's own latents, which x0 knows
+    given = torch.ones(1, 1, 5, 1, 1)
+    given[:, :, 0] = 0
+    assert run(0.0, given).item() == pytest.approx(0.09, rel=1e-5)
+    student = flow.loss(_Oracle(x0 + shift), x0, cond, weight=given, teacher=teacher,
+                        teacher_above=0.0, temporal_weight=1.0,
+                        generator=torch.Generator().manual_seed(5))
+    # a student that predicts what the teacher does has nothing left to learn, in the temporal
+    # term too: the target's change from the given frame 0 to frame 1 is the teacher's own
+    assert student[0].item() == pytest.approx(0.0, abs=1e-12)
+    assert student[1].item() == pytest.approx(0.0, abs=1e-12)

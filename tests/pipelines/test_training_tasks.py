@@ -360,3 +360,37 @@ def test_denoiser_task_reports_its_temporal_error_and_rejects_a_negative_weight(
         with pytest.raises(ValueError, match=f"task.{key} must be >= 0"):
             make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
                 cfg.task, **{key: -1.0})))
+
+
+def test_denoiser_task_distils_from_a_teacher_at_high_noise(cfg, tmp_path):
+    """A student taught by an export of itself has nothing to learn where the teacher's
+    estimate is the target, and the usual loss below teacher_above. The teacher may use other
+    patches (a finer-patch student from a coarse teacher). Bad settings name the field."""
+    torch.manual_seed(0)
+    base = dataclasses.replace(cfg.task, encode_bf16=False)  # exact arithmetic on both sides
+    task = make_task("denoiser", dataclasses.replace(cfg, task=base))
+    model = task.build_model()
+    with torch.no_grad():  # a zero-initialised head predicts zeros whatever the input
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    save_component("denoiser", model, tmp_path / "self")
+    batch = world_batch(2)
+
+    def loss_with(teacher, above, student=model, config=cfg):
+        t = make_task("denoiser", dataclasses.replace(config, task=dataclasses.replace(
+            base, teacher=str(teacher), teacher_above=above, latent_temporal_weight=1.0)))
+        return t.loss(student, batch, step=0)[0].item()
+
+    assert loss_with(tmp_path / "self", 0.0) == pytest.approx(0.0, abs=1e-10)
+    assert loss_with(tmp_path / "self", 1.0) > 0.01
+    fine_cfg = dataclasses.replace(cfg, denoiser=dataclasses.replace(cfg.denoiser,
+                                                                     patch=[1, 1, 1]))
+    fine = make_task("denoiser", fine_cfg).build_model()
+    assert loss_with(tmp_path / "self", 0.5, fine, fine_cfg) > 0
+    with pytest.raises(FileNotFoundError, match="task.teacher=.*no exported denoiser"):
+        loss_with(tmp_path / "nothing", 0.5)
+    with pytest.raises(ValueError, match="task.teacher_above must lie in"):
+        loss_with(tmp_path / "self", 1.5)
+    save_component("vae", VideoVAE(load_config("tiny").vae), tmp_path / "vae")
+    with pytest.raises(ValueError, match="not a denoiser"):
+        loss_with(tmp_path / "vae", 0.5)
