@@ -82,8 +82,8 @@ def train(cfg):
 
 def _absolute_paths(cfg):
     """Workers run in their own working directories: a relative local storage root, or an
-    init_from, task.vae_weights or task.decoder_samples folder given relative to where the
-    command runs, must be made absolute here."""
+    init_from, or a task.vae_weights, task.decoder_samples or task.teacher folder given
+    relative to where the command runs, must be made absolute here."""
     root = cfg.storage.root
     if "://" not in root and not os.path.isabs(root):
         cfg = dataclasses.replace(cfg, storage=dataclasses.replace(
@@ -92,7 +92,7 @@ def _absolute_paths(cfg):
     if init and "://" not in init and not os.path.isabs(init) and os.path.isdir(init):
         cfg = dataclasses.replace(cfg, train=dataclasses.replace(
             cfg.train, init_from=os.path.abspath(init)))
-    folders = {k: os.path.abspath(v) for k in ("vae_weights", "decoder_samples")
+    folders = {k: os.path.abspath(v) for k in ("vae_weights", "decoder_samples", "teacher")
                if (v := getattr(cfg.task, k)) and not os.path.isabs(v) and os.path.isdir(v)}
     if folders:
         cfg = dataclasses.replace(cfg, task=dataclasses.replace(cfg.task, **folders))

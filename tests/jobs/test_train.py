@@ -195,11 +195,13 @@ def test_relative_local_paths_are_made_absolute_for_the_workers(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "weights" / "denoiser").mkdir(parents=True)
     cfg = load_config("tiny", ["storage.root=data", "train.init_from=weights/denoiser",
-                               "task.decoder_samples=weights/denoiser", "task.vae_weights=vae"])
+                               "task.decoder_samples=weights/denoiser", "task.vae_weights=vae",
+                               "task.teacher=weights/denoiser"])
     fixed = _absolute_paths(cfg)
     assert fixed.storage.root == str(tmp_path / "data")
     assert fixed.train.init_from == str(tmp_path / "weights" / "denoiser")
     assert fixed.task.decoder_samples == str(tmp_path / "weights" / "denoiser")
+    assert fixed.task.teacher == str(tmp_path / "weights" / "denoiser")
     assert fixed.task.vae_weights == "vae"  # no such folder: left for the task to report
     s3 = load_config("tiny", ["storage.root=s3://bucket/x", "train.init_from=runs/a/export"])
     assert _absolute_paths(s3).storage.root == "s3://bucket/x"
