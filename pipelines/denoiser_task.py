@@ -131,6 +131,8 @@ class DenoiserTask:
         if any(not 0.0 <= v <= 1.0 for v in shares.values()) or sum(shares.values()) > 1.0:
             raise ValueError(f"caption shares must each lie in [0, 1] and sum to at most 1, got "
                              f"{shares}")
+        if not 0.0 <= task.pooled_dropout <= 1.0:
+            raise ValueError(f"task.pooled_dropout must lie in [0, 1], got {task.pooled_dropout}")
         if not 0.0 <= task.key_density <= 1.0:
             raise ValueError(f"task.key_density must lie in [0, 1], got {task.key_density}")
         for key in ("latent_temporal_weight", "latent_motion_weight"):
@@ -175,10 +177,14 @@ class DenoiserTask:
         prompts = ["" if d else self.unknown(c, self.gen) if x < u
                    else self.paraphrase(c, self.gen) if x < u + p else c
                    for c, d, x in zip(batch["caption"], drop_text, r, strict=True)]
+        text = self.text(prompts)
+        if self.task.pooled_dropout > 0:
+            drop = torch.rand(b, generator=self.gen) < self.task.pooled_dropout
+            text.pooled[drop] = self.text([""]).pooled
         cams = [UNSPECIFIED if d else c for c, d in zip(batch["camera"], drop_cam, strict=True)]
         speeds = [0.0 if d else float(s) for s, d in zip(batch["camera_speed"], drop_cam,
                                                           strict=True)]
-        return build_conditioning(self.text(prompts), cams, speeds,
+        return build_conditioning(text, cams, speeds,
                                   [float(f) for f in batch["focal_length_mm"]],
                                   [float(f) for f in batch["fps"]], frames)
 

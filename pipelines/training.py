@@ -87,6 +87,11 @@ class TaskConfig:
     # disjoint from the evaluation's held-out phrasings: each label covers a wider region of the
     # text encoder's space than the world's one or two words.
     paraphrase: float = 0.0
+    # Denoiser: share of captions whose pooled vector (the adaLN path) is the empty caption's
+    # while their tokens stay: the cross-attention path must carry the prompt on its own. The
+    # pooled mean moves with every word of a sentence, so unseen words anywhere in it pull it
+    # off the training captions' manifold; the tokens of a familiar motion phrase stay put.
+    pooled_dropout: float = 0.0
     p_first_frame: float = 0.2  # image-to-video: latent frame 0 given exactly
     p_prefix: float = 0.15  # window context: the first 1-2 latent frames given exactly
     p_keyframes: float = 0.15  # keyframe images guide some groups (plus the first frame)

@@ -394,3 +394,27 @@ def test_denoiser_task_distils_from_a_teacher_at_high_noise(cfg, tmp_path):
     save_component("vae", VideoVAE(load_config("tiny").vae), tmp_path / "vae")
     with pytest.raises(ValueError, match="not a denoiser"):
         loss_with(tmp_path / "vae", 0.5)
+
+
+def test_pooled_dropout_keeps_the_tokens_and_blanks_the_pooled_vector(cfg):
+    """pooled_dropout=1: every caption's pooled vector is the empty caption's, its tokens its
+    own; 0 leaves both as encoded. Out of [0, 1] is refused by name."""
+    batch = world_batch(2)
+    frames = torch.zeros(2, 10, 5, 8, 8)
+
+    def cond_with(share):
+        task = make_task("denoiser", dataclasses.replace(cfg, task=dataclasses.replace(
+            cfg.task, pooled_dropout=share, caption_dropout=0.0, unknown_words=0.0,
+            paraphrase=0.0)))
+        return task, task.conditioning(batch, frames)
+
+    task, kept = cond_with(0.0)
+    captions = task.text(list(batch["caption"]))
+    empty = task.text([""])
+    torch.testing.assert_close(kept.pooled, captions.pooled)
+    task, blank = cond_with(1.0)
+    torch.testing.assert_close(blank.pooled, empty.pooled.expand(2, -1))
+    torch.testing.assert_close(blank.text, captions.tokens)
+    assert not torch.allclose(blank.text, empty.tokens.expand(2, -1, -1))
+    with pytest.raises(ValueError, match="task.pooled_dropout must lie in"):
+        cond_with(1.5)
