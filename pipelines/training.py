@@ -73,8 +73,9 @@ class TaskConfig:
     # Denoiser: an exported denoiser folder whose clean-latent estimate replaces the clip's own
     # latents as the target at noise levels t >= teacher_above (see RectifiedFlow.loss). At high
     # noise the clip is one of many that fit x_t, so its latents are a noisy target for their
-    # mean; a trained model's estimate of that mean is a quiet one. A new architecture (finer
-    # patches) starts from an older model's high-noise skill and learns the low levels from data.
+    # mean; a trained model's estimate of that mean is a quiet one. For a new architecture
+    # (finer patches) taught by an older one; measured no faster than the data target there
+    # (model card, denoiser entry 30), so no shipped weights use it.
     teacher: str = ""
     teacher_above: float = 0.4
     caption_dropout: float = 0.1  # train the unconditional branch for classifier-free guidance
@@ -90,7 +91,8 @@ class TaskConfig:
     # Denoiser: share of captions whose pooled vector (the adaLN path) is the empty caption's
     # while their tokens stay: the cross-attention path must carry the prompt on its own. The
     # pooled mean moves with every word of a sentence, so unseen words anywhere in it pull it
-    # off the training captions' manifold; the tokens of a familiar motion phrase stay put.
+    # off the training captions' manifold. The shipped denoiser does not use it (model card,
+    # denoiser entry 31: unseen phrasings fail on the tokens alone as well).
     pooled_dropout: float = 0.0
     p_first_frame: float = 0.2  # image-to-video: latent frame 0 given exactly
     p_prefix: float = 0.15  # window context: the first 1-2 latent frames given exactly
