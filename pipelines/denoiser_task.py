@@ -74,6 +74,14 @@ class UnknownWords:
         return " ".join(words)
 
 
+def frozen_denoiser(folder: str | Path, field: str) -> DiT:
+    """The exported denoiser in `folder`, frozen; `field` names the setting that gave it."""
+    if not (Path(folder) / "config.json").is_file():
+        raise FileNotFoundError(f"{field}={folder}: no exported denoiser there; point it at a "
+                                f"denoiser export folder")
+    return load_component(folder).requires_grad_(False).eval()
+
+
 def keyframe_latents(vae, x: torch.Tensor) -> torch.Tensor:
     """Each latent group's last pixel frame encoded alone as an image: (B, C, T', h, w).
     Group j >= 1 covers pixel frames 4j-3..4j; group 0 is frame 0."""
@@ -145,10 +153,7 @@ class DenoiserTask:
                                  "(denoiser.prediction=x)")
             if not 0.0 <= task.teacher_above <= 1.0:
                 raise ValueError(f"task.teacher_above must lie in [0, 1], got {task.teacher_above}")
-            if not (Path(task.teacher) / "config.json").is_file():
-                raise FileNotFoundError(f"task.teacher={task.teacher}: no exported denoiser "
-                                        f"there; point it at a denoiser export folder")
-            teacher = load_component(task.teacher).requires_grad_(False).eval()
+            teacher = frozen_denoiser(task.teacher, "task.teacher")
             channels = cfg.denoiser.latent_channels
             if not isinstance(teacher, DiT) or teacher.cfg.latent_channels != channels:
                 raise ValueError(f"task.teacher={task.teacher}: not a denoiser for these latents "
@@ -254,13 +259,10 @@ class DenoiserSamples:
         from cineray.pipelines.stages import checkpoint_sampler  # noqa: PLC0415
 
         folder = Path(folder)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"task.decoder_samples={folder}: no exported denoiser there; "
-                                    f"point it at a denoiser export folder")
+        self.model = frozen_denoiser(folder, "task.decoder_samples")
         if not 0.0 < t_min <= t_max <= 1.0:
             raise ValueError(f"task.samples_t_min/t_max must satisfy 0 < min <= max <= 1, got "
                              f"{t_min}, {t_max}")
-        self.model = load_component(folder).requires_grad_(False).eval()
         self.flow = RectifiedFlow(cfg.flow, self.model.cfg.prediction)
         self.text = CachedTextEncoder(TextEncoder(cfg.text))
         self.sampler = checkpoint_sampler(folder.parent)  # what generation uses with it
