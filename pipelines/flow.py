@@ -45,8 +45,17 @@ class SamplerConfig:
     # Per camera motion (a moving one of CAMERAS): its scale instead of camera_guidance, e.g.
     # {"dolly_zoom": 2.0} steers dolly zooms alone.
     camera_guidance_by_motion: dict[str, float] = field(default_factory=dict)
+    # Below this noise level a long clip's windows are guided only by their anchor keyframes
+    # (Window.anchors, on window starts), not by every group end: the path between keys is
+    # drawn by the window, as a fall's curve needs. 0 = every key to the end.
+    key_release: float = 0.0
 
     def __post_init__(self):
+        if isinstance(self.key_release, bool) or not isinstance(self.key_release, (int, float)) \
+                or not 0.0 <= self.key_release <= 1.0:
+            raise ValueError(f"key_release must be a noise level in [0, 1], got "
+                             f"{self.key_release!r}")
+        self.key_release = float(self.key_release)
         by = self.camera_guidance_by_motion
         if not isinstance(by, dict) or any(
                 k not in CAMERAS[1:] or isinstance(g, bool) or not isinstance(g, (int, float))
@@ -270,16 +279,23 @@ def sample(model, flow: RectifiedFlow, cfg: SamplerConfig, shape: tuple[int, ...
 class SamplingRun:
     """`sample` one step at a time, for callers that act between steps (joint denoising of
     overlapping windows averages their shared latents after every step). start() -> the
-    noise; step(x, i) -> x after step i of cfg.steps; finish(x) -> the latents."""
+    noise; step(x, i) -> x after step i of cfg.steps; finish(x) -> the latents.
+
+    released: (cond, uncond) that take over for the steps at t < cfg.key_release (the same
+    exact frames, fewer keyframe guides); None keeps `cond` throughout."""
 
     def __init__(self, model, flow: RectifiedFlow, cfg: SamplerConfig, shape: tuple[int, ...],
-                 cond: Conditioning, uncond: Conditioning | None, seed: int):
+                 cond: Conditioning, uncond: Conditioning | None, seed: int,
+                 released: tuple[Conditioning, Conditioning | None] | None = None):
         gen = torch.Generator().manual_seed(seed)
         self.noise = torch.randn(shape, generator=gen).to(cond.frames.device)
         c = shape[1]
         self.known, self.exact = cond.frames[:, :c], cond.frames[:, c : c + 1]
         self.flow, self.sampler = flow, make_sampler(cfg.method)
         self.v_fn = guided_velocity(model, flow, cond, uncond, cfg)
+        self.v_released = (guided_velocity(model, flow, *released, cfg)
+                           if released is not None else self.v_fn)
+        self.release = cfg.key_release
         self.ts = timesteps(cfg.steps, cfg.shift).tolist()
 
     def start(self) -> torch.Tensor:
@@ -289,7 +305,8 @@ class SamplingRun:
     def step(self, x: torch.Tensor, i: int) -> torch.Tensor:
         t = self.ts[i]
         x = torch.lerp(x, self.flow.add_noise(self.known, self.noise, torch.tensor([t])), self.exact)
-        return self.sampler.step(self.v_fn, x, t, self.ts[i + 1])
+        v_fn = self.v_fn if t >= self.release else self.v_released
+        return self.sampler.step(v_fn, x, t, self.ts[i + 1])
 
     def finish(self, x: torch.Tensor) -> torch.Tensor:
         return torch.lerp(x, self.known, self.exact)  # exact frames: the conditioning latents

@@ -285,18 +285,19 @@ def image_latent(components: Components, image: np.ndarray) -> torch.Tensor:
 
 
 def window_frames(components: Components, request: GenerationRequest, window: Window,
-                  keyframes: torch.Tensor | None) -> torch.Tensor:
+                  keyframes: torch.Tensor | None, anchors_only: bool = False) -> torch.Tensor:
     """The window's conditioning frames (1, C + 2, T', h, w): latents, `exact` and `key` masks.
 
     keyframes: (N, C, h, w) image latents of its plan's keyframes, or None (nothing given).
-    window.exact -> latent frame 0 held exactly; window.keys -> group-end guides."""
+    window.exact -> latent frame 0 held exactly; window.keys (window.anchors if anchors_only)
+    -> group-end guides."""
     c, s = components.vae.cfg.latent_channels, components.vae.spatial_factor
     frames = torch.zeros(1, c + 2, window.latent_frames, request.height // s, request.width // s)
     if keyframes is None:
         return frames
     if window.exact is not None:
         frames[0, :c, 0], frames[0, c, 0] = keyframes[window.exact], 1.0
-    for j, k in window.keys:
+    for j, k in window.anchors if anchors_only else window.keys:
         frames[0, :c, j], frames[0, c + 1, j] = keyframes[k], 1.0
     return frames
 
@@ -311,16 +312,30 @@ def prefix_frames(prefix: torch.Tensor, latent_frames: int) -> torch.Tensor:
 
 
 def latents_run(components: Components, request: GenerationRequest, text: PromptEmbedding,
-                frames: torch.Tensor, fps: float, noise_seed: int) -> SamplingRun:
+                frames: torch.Tensor, fps: float, noise_seed: int,
+                released: torch.Tensor | None = None) -> SamplingRun:
     """The sampling of latents (1, C, T', h, w) given conditioning frames (1, C + 2, T', h, w),
-    ready to run whole or one step at a time."""
-    frames = frames.to(components.device)
-    cond, uncond = guided_conditioning(text.cond, text.uncond, [request.camera],
-                                       [request.resolved_camera_speed],
-                                       [request.focal_length_mm], [fps], frames)
+    ready to run whole or one step at a time. released: the frames that take over below the
+    sampler's key_release (fewer keyframe guides), or None."""
+
+    def conditioning(frames: torch.Tensor):
+        return guided_conditioning(text.cond, text.uncond, [request.camera],
+                                   [request.resolved_camera_speed], [request.focal_length_mm],
+                                   [fps], frames.to(components.device))
+
+    cfg = sampler_config(components, request)
     shape = (1, components.vae.cfg.latent_channels, *frames.shape[2:])
-    return SamplingRun(components.denoiser, components.flow, sampler_config(components, request),
-                       shape, cond, uncond, noise_seed)
+    late = conditioning(released) if released is not None and cfg.key_release > 0 else None
+    return SamplingRun(components.denoiser, components.flow, cfg, shape, *conditioning(frames),
+                       noise_seed, late)
+
+
+def released_frames(components: Components, request: GenerationRequest, window: Window,
+                    keyframes: torch.Tensor | None) -> torch.Tensor | None:
+    """The window's conditioning frames with its anchor keys alone, where that is fewer keys."""
+    if keyframes is None or window.anchors == window.keys:
+        return None
+    return window_frames(components, request, window, keyframes, anchors_only=True)
 
 
 def denoise_latents(components: Components, request: GenerationRequest, text: PromptEmbedding,
@@ -336,9 +351,7 @@ def denoise_window(components: Components, request: GenerationRequest, text: Pro
     """One window's latents (1, C, T', h, w): a pure function of (window, conditioning, seed),
     so any worker computes the same result; its noise seed is derived from the request seed and
     the window's place in the plan."""
-    frames = window_frames(components, request, window, keyframes)
-    return denoise_latents(components, request, text, frames, window.fps,
-                           derive_seed(seed, "window", window.level, window.index), progress)
+    return window_run(components, request, text, window, keyframes, seed).run(progress).cpu()
 
 
 def window_run(components: Components, request: GenerationRequest, text: PromptEmbedding,
@@ -346,7 +359,8 @@ def window_run(components: Components, request: GenerationRequest, text: PromptE
     """denoise_window one step at a time: the same noise, conditioning and steps."""
     return latents_run(components, request, text,
                        window_frames(components, request, window, keyframes), window.fps,
-                       derive_seed(seed, "window", window.level, window.index))
+                       derive_seed(seed, "window", window.level, window.index),
+                       released_frames(components, request, window, keyframes))
 
 
 def window_step(run: SamplingRun, x: torch.Tensor | None, i: int) -> torch.Tensor:

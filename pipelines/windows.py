@@ -8,6 +8,10 @@ A clip longer than one window is generated coarse-to-fine (NUWA-XL, Yin et al. 2
 2. Every window starts on a keyframe (held exactly as its latent frame 0, the image-to-video
    mechanism) and is guided by every keyframe that falls on one of its group ends, pixel frame
    4j of the window (the `key` latents the denoiser is trained with).
+   Guided by every key to the end, a window draws the path between two keys almost
+   straight, and a fall's curve over the quarter second between them is lost. So the last
+   sampler steps (t < SamplerConfig.key_release) keep only the window's anchors, the keys on
+   window starts, which tie neighbours together; the path between is the window's own.
 3. Neighbouring windows share `overlap` pixel frames, blended with a linear ramp. The default
    overlap of 5 frames (one latent group) is keyed at both of its ends in both windows (the next
    window's start and its first group end), so the two windows agree there and the ramp hides
@@ -66,6 +70,9 @@ class Window:
     exact: int | None  # keyframe held exactly as latent frame 0 (None: a free start)
     keys: tuple[tuple[int, int], ...]  # (latent frame j >= 1, keyframe index) group-end guides
     level: int = 0  # 0 = the clip itself, 1 = its keyframe pass, ...
+    # The keys on other windows' starts (the next window's start inside the overlap): what a
+    # window keeps once the sampler releases the others (SamplerConfig.key_release).
+    anchors: tuple[tuple[int, int], ...] = ()
 
     @property
     def end(self) -> int:
@@ -137,9 +144,12 @@ def plan_windows(frames: int, fps: float, config: WindowConfig | None = None,
     planned = starts[-1] + lengths[-1]
     stride = cfg.keyframe_stride or _keyframe_stride(planned, step, cfg.frames)
     count = (planned - 1) // stride + 1
-    windows = tuple(
-        Window(i, s, length, fps, s // stride, _group_end_keys(s, length, stride, count), level)
-        for i, (s, length) in enumerate(zip(starts, lengths, strict=True)))
+    windows = []
+    for i, (s, length) in enumerate(zip(starts, lengths, strict=True)):
+        keys = _group_end_keys(s, length, stride, count)
+        anchors = tuple((j, k) for j, k in keys if k * stride in starts)
+        windows.append(Window(i, s, length, fps, s // stride, keys, level, anchors))
+    windows = tuple(windows)
     sub = plan_windows(count, fps / stride, cfg, level + 1)
     shared = _shared_groups(windows) if cfg.joint else ()
     return WindowPlan(frames, fps, windows, KeyframePass(stride, count, sub), shared)

@@ -26,12 +26,15 @@ from cineray.pipelines.stages import (
     denoise_latents,
     denoise_window,
     denoise_windows,
+    derive_seed,
     encode_text,
     image_latent,
+    latents_run,
     prefix_frames,
     sampler_config,
     upscale,
     window_frames,
+    window_step,
 )
 from cineray.pipelines.weights import save_component
 from cineray.pipelines.windows import plan_windows
@@ -236,6 +239,34 @@ def test_joint_windows_agree_on_their_shared_latents_and_are_otherwise_the_same_
         assert not torch.allclose(alone[i][:, :, a], alone[i + 1][:, :, b])
     for w, z in zip(plan.windows, joint, strict=True):  # keyframes are still held exactly
         assert torch.equal(z[0, :, 0], keys[w.exact])
+
+
+def test_key_release_drops_the_in_between_keys_below_its_noise_level(components):
+    """Steps at t >= key_release see every key; later steps only the window's anchors, bit for
+    bit the two runs spliced. The exact start is held either way."""
+    plan = plan_windows(65, 8.0)
+    w = plan.windows[1]
+    assert w.anchors and w.anchors != w.keys
+    text = encode_text(components, REQ)
+    keys = torch.randn(17, 8, 8, 8, generator=torch.Generator().manual_seed(2))
+    seed, sampler = 3, replace(components.sampler, steps=4)  # t = 1, 0.75, 0.5, 0.25
+    late = replace(components, sampler=replace(sampler, key_release=0.6))
+    never = replace(components, sampler=replace(sampler, key_release=1e-6))
+    plain = replace(components, sampler=sampler)
+    released = denoise_window(late, REQ, text, w, keys, seed)
+    assert torch.equal(denoise_window(never, REQ, text, w, keys, seed),
+                       denoise_window(plain, REQ, text, w, keys, seed))
+    assert not torch.allclose(released, denoise_window(plain, REQ, text, w, keys, seed))
+    noise_seed = derive_seed(seed, "window", w.level, w.index)
+    runs = [latents_run(plain, REQ, text, window_frames(plain, REQ, w, keys, anchors_only=a),
+                        w.fps, noise_seed) for a in (False, True)]
+    x = None
+    for i in range(4):
+        x = window_step(runs[i >= 2], x, i)
+    assert torch.equal(released, x.cpu())
+    assert torch.equal(released[0, :, 0], keys[w.exact])
+    with pytest.raises(ValueError, match="key_release"):
+        SamplerConfig(key_release=1.5)
 
 
 def test_exact_frames_come_out_unchanged(components, image):

@@ -65,6 +65,22 @@ def test_windows_of_17_make_65_frames_with_a_keyframe_on_every_group_end(overlap
     assert plan.keyframes.plan.keyframes is None  # the keyframe pass is one window
 
 
+@pytest.mark.parametrize(("window", "overlap"), CONFIGS)
+def test_anchors_are_the_keys_on_window_starts(window, overlap):
+    for frames in FRAMES:
+        plan = plan_windows(frames, 8.0, WindowConfig(window, overlap))
+        if plan.keyframes is None:
+            continue
+        starts, stride = {w.start for w in plan.windows}, plan.keyframes.stride
+        for w in plan.windows:
+            assert set(w.anchors) == {(j, k) for j, k in w.keys if k * stride in starts}
+
+
+def test_the_default_windows_are_anchored_on_the_next_window_start_alone():
+    plan = plan_windows(65, 8.0)
+    assert [w.anchors for w in plan.windows] == [((3, 3),), ((3, 6),), ((3, 9),), ((3, 12),), ()]
+
+
 def test_the_default_overlap_is_keyed_at_both_ends_in_both_windows():
     """The 5 shared frames start on the later window's exact keyframe and end on its first
     group end; in the earlier window both are group ends: the two windows agree there."""
