@@ -325,15 +325,17 @@ def latents_run(components: Components, request: GenerationRequest, text: Prompt
 
     cfg = sampler_config(components, request)
     shape = (1, components.vae.cfg.latent_channels, *frames.shape[2:])
-    late = conditioning(released) if released is not None and cfg.key_release > 0 else None
+    late = conditioning(released) if released is not None else None
     return SamplingRun(components.denoiser, components.flow, cfg, shape, *conditioning(frames),
                        noise_seed, late)
 
 
 def released_frames(components: Components, request: GenerationRequest, window: Window,
                     keyframes: torch.Tensor | None) -> torch.Tensor | None:
-    """The window's conditioning frames with its anchor keys alone, where that is fewer keys."""
-    if keyframes is None or window.anchors == window.keys:
+    """The window's conditioning frames with its anchor keys alone, where the sampler releases
+    keys and that is fewer keys; else None."""
+    if (keyframes is None or window.anchors == window.keys
+            or sampler_config(components, request).key_release == 0):
         return None
     return window_frames(components, request, window, keyframes, anchors_only=True)
 
